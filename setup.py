@@ -1,0 +1,67 @@
+"""Builds mishkit._C: the C++ CPU kernels always, the CUDA kernels when torch has CUDA and nvcc exists.
+
+Environment:
+  MISHKIT_NO_EXT=1        install the Python packages only (ops fall back to Triton / pure torch)
+  MISHKIT_CUDA=0|1        force the CUDA part off / on (default: on when torch.version.cuda and nvcc)
+  TORCH_CUDA_ARCH_LIST    honoured by torch.utils.cpp_extension (e.g. "8.0;9.0")
+  MAX_JOBS                parallel compile jobs for ninja
+
+Install after torch is present:  pip install --no-build-isolation -e .
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _want_cuda(torch_cuda_version, cuda_home):
+    forced = os.environ.get("MISHKIT_CUDA")
+    if forced is not None:
+        if forced == "1" and (torch_cuda_version is None or cuda_home is None):
+            raise RuntimeError(
+                "MISHKIT_CUDA=1 but the CUDA build can't run: "
+                f"torch.version.cuda={torch_cuda_version}, CUDA_HOME/nvcc={cuda_home}"
+            )
+        return forced == "1"
+    return torch_cuda_version is not None and cuda_home is not None
+
+
+def _extensions():
+    if os.environ.get("MISHKIT_NO_EXT") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    with_cuda = _want_cuda(torch.version.cuda, CUDA_HOME)
+    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    define_macros = [("MISHKIT_WITH_CUDA", "1" if with_cuda else "0")]
+    kwargs = dict(
+        name="mishkit._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=define_macros,
+        py_limited_api=False,
+    )
+    if with_cuda:
+        kwargs["sources"] += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
+        kwargs["extra_compile_args"] = {
+            "cxx": cxx_flags,
+            "nvcc": ["-O3", "-std=c++17", "-lineinfo"],
+        }
+        ext = CUDAExtension(**kwargs)
+    else:
+        kwargs["extra_compile_args"] = {"cxx": cxx_flags}
+        ext = CppExtension(**kwargs)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
