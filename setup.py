@@ -1,8 +1,8 @@
-"""Builds mishkit._C: the C++ CPU kernels always, the CUDA kernels when torch has CUDA and nvcc exists.
+"""Builds mishkit._C: C++ CPU kernels always; CUDA kernels when torch has CUDA and nvcc exists.
 
 Environment:
   MISHKIT_NO_EXT=1        install the Python packages only (ops fall back to Triton / pure torch)
-  MISHKIT_CUDA=0|1        force the CUDA part off / on (default: on when torch.version.cuda and nvcc)
+  MISHKIT_CUDA=0|1        force the CUDA part off / on (default: on with torch.version.cuda + nvcc)
   TORCH_CUDA_ARCH_LIST    honoured by torch.utils.cpp_extension (e.g. "8.0;9.0")
   MAX_JOBS                parallel compile jobs for ninja
 

@@ -1,7 +1,7 @@
 """``python -m mishkit info | plot | bench``.
 
-Subcommands live in a table: each maps to ``module:add_arguments`` and ``module:run`` so a new one is
-one entry, and heavy modules (matplotlib, the benchmark harness) import only when used.
+Subcommands live in a table: each maps to ``module:add_arguments`` and ``module:run``, so a new
+one is one entry, and heavy modules (matplotlib, the benchmark harness) import only when used.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+
 import torch
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
@@ -80,7 +81,7 @@ def _import_triton() -> str | None:
 def unavailable_reason(backend: str, device: torch.device | None = None) -> str | None:
     """Why ``backend`` can't run (on ``device``, if given), or None when it can."""
     if backend not in BACKENDS:
-        return f"unknown backend {backend!r}; choose one of {', '.join(('auto',) + BACKENDS)}"
+        return f"unknown backend {backend!r}; choose one of {', '.join(('auto', *BACKENDS))}"
     if backend == "torch":
         return None
     if backend == "triton":
@@ -126,7 +127,7 @@ def choose(backend: str, device: torch.device, op_name: str) -> str:
     if backend not in BACKENDS and backend != "auto":
         raise ValueError(
             f"mishkit.{op_name}: unknown backend {backend!r}; choose one of "
-            f"{', '.join(('auto',) + BACKENDS)}"
+            f"{', '.join(('auto', *BACKENDS))}"
         )
     if backend == "auto":
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")

@@ -150,8 +150,9 @@ def apply(x: torch.Tensor, spec: ActivationSpec, params: tuple, inplace: bool, b
                 "the in-place op would overwrite it. Use inplace=False, or run under "
                 "torch.no_grad() / torch.inference_mode() for inference."
             )
-        if chosen == "torch":
-            return x.copy_(ReferenceActivation.forward(x, spec.name, tuple(params)))
+        if chosen == "torch" or torch.compiler.is_compiling():
+            # compile can't functionalize a custom op returning an alias of its input: write back
+            return x.copy_(apply(x, spec, tuple(params), False, chosen))
         if chosen == "triton":
             return _triton_ops().forward_(x, spec.name, params)
         return torch.ops.mishkit.act_forward_(x, spec.name, params)

@@ -237,7 +237,7 @@ def _leaky_relu(x, negative_slope):
 
 
 def _leaky_relu_grad(x, negative_slope):
-    return torch.where(x > 0, 1.0, negative_slope).to(x.dtype)
+    return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, negative_slope))
 
 
 def _elu(x, alpha):

@@ -1,4 +1,4 @@
-"""Test-wide setup: GPU tests skip with a reason where no GPU exists; Triton runs interpreted on CPU."""
+"""Test-wide setup: GPU tests skip (with the reason) without a GPU; Triton is interpreted on CPU."""
 
 import os
 

@@ -1,4 +1,4 @@
-"""The CUDA and Triton backends on CUDA tensors (run by benchmarks/gpu_suite.sh on a GPU machine)."""
+"""The CUDA and Triton backends on CUDA tensors (run by benchmarks/gpu_suite.sh on a GPU)."""
 
 import shutil
 import subprocess
@@ -124,7 +124,8 @@ def test_opcheck_cuda_ops(name):
                           (torch.randn_like(x), x.detach(), name, params))
 
 
-@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not on PATH")
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None,
+                    reason="compute-sanitizer not on PATH")
 def test_compute_sanitizer_memcheck():
     require("cuda")
     script = textwrap.dedent("""

@@ -29,8 +29,8 @@ def run_info(package_parent: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def copy_package(tmp_path: Path, with_extension: bool) -> Path:
-    shutil.copytree(PACKAGE, tmp_path / "mishkit",
-                    ignore=shutil.ignore_patterns("__pycache__", *([] if with_extension else ["_C*"])))
+    ignored = ["__pycache__"] if with_extension else ["__pycache__", "_C*"]
+    shutil.copytree(PACKAGE, tmp_path / "mishkit", ignore=shutil.ignore_patterns(*ignored))
     return tmp_path
 
 
@@ -60,8 +60,9 @@ def test_functional_works_without_extension(tmp_path):
     root = copy_package(tmp_path, with_extension=False)
     code = ("import torch, mishkit.functional as F; x = torch.linspace(-3, 3, 7);"
             "assert torch.allclose(F.mish(x), torch.nn.functional.mish(x)); print('ok')")
-    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(root)},
-                            capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
