@@ -30,8 +30,8 @@ def __getattr__(name):
 
     if name in ("nn", "memory"):
         return importlib.import_module(f".{name}", __name__)
-    if name == "convert":
-        from .convert import convert
-
-        return convert
+    lazy = {"convert": "conversion", "ConversionReport": "conversion",
+            "UntraceableModuleError": "fx_rewrite"}
+    if name in lazy:
+        return getattr(importlib.import_module(f".{lazy[name]}", __name__), name)
     raise AttributeError(f"module 'mishkit' has no attribute {name!r}")

@@ -1,0 +1,373 @@
+"""``mishkit.convert(model, "mish", ...)``: swap a network's activations in place.
+
+Module-level conversion replaces activation children through their parent (keeping hooks and the
+train/eval flag; activations hold no tensors, so device and dtype are untouched). ``functional``
+and ``fuse_bn`` also rewrite forward code with torch.fx (see :mod:`mishkit.fx_rewrite`); every
+graph is traced before any is changed, so an untraceable module leaves no half-rewritten model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import fx_rewrite
+from .backends import BACKENDS
+from .nn import Activation, from_torch, get_activation, to_torch
+from .registry import get_spec
+
+DEFAULT_REPLACE: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ELU, nn.Hardswish, nn.Mish, Activation,
+)  # fmt: skip
+NATIVE = "native"
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+    "_backward_pre_hooks",
+)  # fmt: skip
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` did.
+
+    ``replaced``: (path, old type, new type, kind) with kind module / functional / fused_bn;
+    ``skipped``: (path, reason).
+    """
+
+    replaced: list[tuple[str, str, str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        counts = {"module": 0, "functional": 0, "fused_bn": 0, "skipped": len(self.skipped)}
+        for *_, kind in self.replaced:
+            counts[kind] += 1
+        return counts
+
+    def __str__(self) -> str:
+        lines = [f"{path or '<root>'}: {old} -> {new}" for path, old, new, _ in self.replaced]
+        lines += [f"{path or '<root>'}: skipped ({reason})" for path, reason in self.skipped]
+        lines.append(", ".join(f"{key}={value}" for key, value in self.counts.items()))
+        return "\n".join(lines)
+
+
+class _Scope:
+    """include / exclude fnmatch globs on module paths."""
+
+    def __init__(self, include, exclude):
+        self.include, self.exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
+
+    def __call__(self, path: str) -> bool:
+        if self.include is not None and not any(fnmatch.fnmatchcase(path, p) for p in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(path, p) for p in self.exclude or ())
+
+
+def _patterns(value, what: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    value = list(value)
+    if not all(isinstance(p, str) for p in value):
+        raise TypeError(f"convert: {what} must be glob strings, got {value!r}")
+    return value
+
+
+def _resolve(activation, params: dict) -> tuple[str, tuple]:
+    if isinstance(activation, dict):
+        params = {**{k: v for k, v in activation.items() if k != "name"}, **params}
+        if "name" not in activation:
+            raise ValueError(f"convert: an activation dict needs a 'name' key, got {activation!r}")
+        activation = activation["name"]
+    if isinstance(activation, str) and activation.strip().lower() == NATIVE:
+        if params:
+            raise TypeError(f"convert: 'native' takes no parameters, got {sorted(params)}")
+        return NATIVE, ()
+    try:
+        spec = get_spec(activation)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; or 'native' to convert back to torch modules") from None
+    return spec.name, spec.bind((), params)
+
+
+def _validate(model, replace, backend) -> tuple[type, ...]:
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            "convert: got a TorchScript module; convert the eager nn.Module before scripting it"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
+    if backend not in ("auto", *BACKENDS):
+        choices = ", ".join(("auto", *BACKENDS))
+        raise ValueError(f"convert: unknown backend {backend!r}; choose one of {choices}")
+    replace = tuple(replace) if isinstance(replace, Iterable) else (replace,)
+    for cls in replace:
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise TypeError(f"convert: replace must hold nn.Module classes, got {cls!r}")
+    return replace
+
+
+def _children(model: nn.Module):
+    """(path, parent, name, child) for every child slot; a shared module appears at each slot."""
+    for parent_path, parent in model.named_modules():
+        for name, child in parent._modules.items():
+            if child is not None:
+                yield (f"{parent_path}.{name}" if parent_path else name), parent, name, child
+
+
+def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
+    for attr in _HOOK_DICTS:
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))  # shared: existing handles still remove
+    new.train(old.training)
+    return new
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, attr, None) for attr in _HOOK_DICTS)
+
+
+def convert(model: nn.Module, activation, *, replace=DEFAULT_REPLACE, include=None, exclude=None,
+            functional: bool = False, fuse_bn: bool = False, backend: str = "auto",
+            report: bool = False, **params):
+    """Replace ``model``'s activations by ``activation`` (a registry name, alias, or ``"native"``).
+
+    Parameters go as keywords or in a dict: ``convert(m, "leaky_relu", negative_slope=0.2)`` or
+    ``convert(m, {"name": "leaky_relu", "negative_slope": 0.2})``. Works in place and returns the
+    model, or ``(model, ConversionReport)`` with ``report=True``.
+
+    - ``replace``: activation classes to swap (default :data:`DEFAULT_REPLACE`; ``Activation``
+      stands for mishkit's own modules, fused norms and rewritten calls).
+    - ``include`` / ``exclude``: fnmatch globs on module paths (``"decoder.*"``).
+    - ``functional``: also rewrite ``F.relu(x)``, ``torch.relu``, ``x.relu()``, ``F.silu`` ... in
+      forward code (torch.fx); an untraceable module raises UntraceableModuleError first.
+    - ``fuse_bn``: BatchNorm2d / SyncBatchNorm followed by an activation -> (Sync)BatchNormAct2d,
+      in Sequentials (the activation slot becomes Identity) and in traced forwards.
+    - ``"native"``: mishkit modules, fused norms and rewritten calls back to plain torch.
+    """
+    replace = _validate(model, replace, backend)
+    name, bound = _resolve(activation, params)
+    scope, result = _Scope(include, exclude), ConversionReport()
+    if name == NATIVE:
+        _to_native(model, scope, result)
+    else:
+        _swap_modules(model, replace, name, bound, backend, scope, result)
+        if functional or fuse_bn:
+            _rewrite_graphs(model, replace, name, bound, backend, scope, result, functional,
+                            fuse_bn)
+    if not result.replaced and not result.skipped:
+        warnings.warn("mishkit.convert: the model has nothing to convert", UserWarning,
+                      stacklevel=2)
+    return (model, result) if report else model
+
+
+def _retarget_fused(model, name, bound, backend, scope, result) -> None:
+    """A fused BN+act is one of mishkit's own activation modules: give it the new activation."""
+    fused_type = _bn_act().BatchNormAct2d
+    for path, module in model.named_modules():
+        if not isinstance(module, fused_type) or not scope(path):
+            continue
+        if (module.activation, module.activation_params, module.backend) == (name, bound, backend):
+            continue
+        old = repr(module)
+        module.activation, module.activation_params, module.backend = name, bound, backend
+        result.replaced.append((path, old, repr(module), "fused_bn"))
+
+
+def _swap_modules(model, replace, name, bound, backend, scope, result) -> None:
+    if issubclass(Activation, replace):
+        _retarget_fused(model, name, bound, backend, scope, result)
+    made: dict[int, nn.Module] = {}  # a module shared by several parents stays shared
+    for path, parent, slot, child in list(_children(model)):
+        if not isinstance(child, replace):
+            continue
+        if not scope(path):
+            result.skipped.append((path, "outside include/exclude"))
+            continue
+        inplace = bool(getattr(child, "inplace", False))
+        new = made.get(id(child))
+        if new is None:
+            new = get_activation(name, **get_spec(name).kwargs(bound), inplace=inplace,
+                                 backend=backend)
+            if new.same_as(child) and child.inplace == inplace:
+                result.skipped.append((path, f"already {type(child).__name__}"))
+                continue
+            new = made[id(child)] = _adopt(new, child)
+        setattr(parent, slot, new)
+        result.replaced.append((path, type(child).__name__, repr(new), "module"))
+
+
+def _rewrite_graphs(model, replace, name, bound, backend, scope, result, functional, fuse_bn):
+    graphs = {}
+    for path, module in model.named_modules():
+        if not scope(path) or not fx_rewrite.traceable_kind(module):
+            continue
+        try:
+            graphs[path] = (module, fx_rewrite.module_graph(module, path))
+        except fx_rewrite.UntraceableModuleError as exc:
+            if functional:  # nothing has been rewritten yet: fail whole
+                raise
+            result.skipped.append((path, f"BN fusion needs torch.fx: {exc}"))
+    if fuse_bn:
+        _fuse_sequentials(model, backend, scope, result)
+    for path, (module, graph) in graphs.items():
+        changed = False
+        if functional:
+            done, skipped = fx_rewrite.rewrite_functional(graph, module, replace, name, bound,
+                                                          backend)
+            for described, _ in done:
+                result.replaced.append((f"{path}:{described}", described.split()[1],
+                                        f"mishkit.functional.activation({name!r})", "functional"))
+            result.skipped += [(f"{path}:{d}", reason) for d, reason in skipped]
+            changed = bool(done)
+        if fuse_bn and not isinstance(module, nn.Sequential):
+            fuser = _Fuser(module, path, backend, result)
+            done, skipped = fx_rewrite.fuse_bn(module, graph, fuser, _fusable)
+            result.skipped += [(_join(path, t), reason) for t, reason in skipped]
+            changed = changed or bool(done)
+        if changed:
+            fx_rewrite.install(module, graph)
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _bn_act():
+    from . import bn_act
+
+    return bn_act
+
+
+def _fusable(module: nn.Module) -> bool:
+    return type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def _fused(bn: nn.Module, name: str, params: tuple, backend: str) -> nn.Module:
+    bn_act = _bn_act()
+    if type(bn) is nn.SyncBatchNorm:
+        return bn_act.SyncBatchNormAct2d.from_sync_batchnorm(bn, name, params, backend)
+    return bn_act.BatchNormAct2d.from_batchnorm(bn, name, params, backend)
+
+
+class _Fuser:
+    """Installs one fused BN+act module inside a traced module and records it in the report."""
+
+    def __init__(self, module, path, backend, result):
+        self.module, self.path, self.backend, self.result = module, path, backend, result
+
+    def __call__(self, target, bn, name, params, act_module=None) -> str | None:
+        if _has_hooks(bn) or (act_module is not None and _has_hooks(act_module)):
+            return "the norm or its activation has hooks that fusion would bypass"
+        fused = _fused(bn, name, params, self.backend)
+        self.module.set_submodule(target, fused)
+        old = f"{type(bn).__name__} + {type(act_module).__name__ if act_module else name}"
+        self.result.replaced.append((_join(self.path, target), old, repr(fused), "fused_bn"))
+        return None
+
+
+def _fuse_sequentials(model, backend, scope, result) -> None:
+    for path, seq in model.named_modules():
+        if type(seq) is not nn.Sequential:
+            continue
+        keys = list(seq._modules)
+        for first, second in itertools.pairwise(keys):
+            bn, act = seq._modules[first], seq._modules[second]
+            found = from_torch(act) if act is not None else None
+            if not _fusable(bn) or found is None or not scope(_join(path, first)):
+                continue
+            if _has_hooks(bn) or _has_hooks(act):
+                result.skipped.append((_join(path, first), "norm or activation has hooks"))
+                continue
+            fused = _fused(bn, *found, backend)
+            seq._modules[first], seq._modules[second] = fused, nn.Identity()
+            old = f"{type(bn).__name__} + {type(act).__name__}"
+            result.replaced.append((_join(path, first), old, repr(fused), "fused_bn"))
+
+
+def _to_native(model, scope, result) -> None:
+    for path, parent, slot, child in list(_children(model)):
+        if not isinstance(child, Activation):
+            continue
+        if not scope(path):
+            result.skipped.append((path, "outside include/exclude"))
+            continue
+        try:
+            new = to_torch(child.spec.name, child.params, child.inplace)
+        except ValueError as exc:
+            result.skipped.append((path, str(exc)))
+            continue
+        setattr(parent, slot, _adopt(new, child))
+        result.replaced.append((path, type(child).__name__, repr(new), "module"))
+    _unfuse(model, scope, result)
+    _native_functional(model, scope, result)
+    if result.skipped:
+        warnings.warn(
+            "mishkit.convert(..., 'native') left some modules unconverted:\n"
+            + "\n".join(f"  {p}: {r}" for p, r in result.skipped), UserWarning, stacklevel=3)
+
+
+def _native_functional(model, scope, result) -> None:
+    """mishkit functional calls in rewritten forwards -> the equivalent torch function calls."""
+    for path, module in model.named_modules():
+        installed = module.__dict__.get("forward")
+        if not isinstance(installed, fx_rewrite.RewrittenForward) or not scope(path):
+            continue
+        graph, changed = fx_rewrite.module_graph(module, path), False
+        for node in fx_rewrite.mishkit_activation_calls(graph):
+            where = f"{path}:{fx_rewrite.describe(node)}"
+            try:
+                make = fx_rewrite.native_call(*fx_rewrite.call_activation(node, module))
+            except ValueError as exc:
+                result.skipped.append((where, str(exc)))
+                continue
+            with graph.inserting_after(node):
+                new = make(graph, node.args[0])
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            changed = True
+            result.replaced.append((where, "mishkit.functional.activation",
+                                    f"torch.nn.functional.{new.target.__name__}", "functional"))
+        if changed:
+            fx_rewrite.install(module, graph)
+
+
+def _unfuse(model, scope, result) -> None:
+    """BatchNormAct2d -> BatchNorm2d plus a torch activation after it."""
+    fused_type = _bn_act().BatchNormAct2d
+    for path, parent, slot, child in list(_children(model)):
+        if not isinstance(child, fused_type) or not scope(path):
+            continue
+        name, params = child.activation, child.activation_params
+        try:
+            to_torch(name, params)
+        except ValueError as exc:
+            result.skipped.append((path, str(exc)))
+            continue
+        bn, name, params = child.to_batchnorm()
+        keys = list(parent._modules)
+        after = keys[keys.index(slot) + 1] if slot != keys[-1] else None
+        if isinstance(parent, nn.Sequential) and type(parent._modules.get(after)) is nn.Identity:
+            parent._modules[slot], parent._modules[after] = bn, to_torch(name, params)
+        else:
+            try:
+                graph = fx_rewrite.module_graph(parent, path.rpartition(".")[0])
+            except fx_rewrite.UntraceableModuleError as exc:
+                result.skipped.append((path, f"cannot place the activation after it: {exc}"))
+                continue
+            setattr(parent, slot, bn)
+            for node in [n for n in graph.nodes if n.op == "call_module" and n.target == slot]:
+                with graph.inserting_after(node):
+                    act = fx_rewrite.native_call(name, params)(graph, node)
+                node.replace_all_uses_with(act, delete_user_cb=lambda user, a=act: user is not a)
+            fx_rewrite.install(parent, graph)
+        result.replaced.append((path, type(child).__name__, f"{type(bn).__name__} + {name}",
+                                "fused_bn"))
