@@ -151,9 +151,13 @@ def _gelu_tanh(x):
 
 
 def _gelu_tanh_grad(x):
-    t = torch.tanh(_SQRT_2_OVER_PI * (x + _GELU_TANH_COEF * x**3))
-    inner_grad = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_COEF * x * x)
-    return _limits(x, 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * inner_grad, 0.0, 1.0)
+    # beyond |x| = 10 the derivative has saturated to 0 / 1 even in float64; clamping avoids the
+    # inf * 0 of x^3 overflowing (|x| > ~1e154 in float64)
+    xc = torch.clamp(x, -10.0, 10.0)
+    t = torch.tanh(_SQRT_2_OVER_PI * (xc + _GELU_TANH_COEF * xc**3))
+    inner_grad = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_COEF * xc * xc)
+    d = 0.5 * (1 + t) + 0.5 * xc * (1 - t * t) * inner_grad
+    return torch.where(x > 10, 1.0, torch.where(x < -10, 0.0, d)).to(x.dtype)
 
 
 def _hardswish(x):

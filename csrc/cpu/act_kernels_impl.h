@@ -1,0 +1,115 @@
+// The CPU activation loops, compiled once per CPU_CAPABILITY (see act_kernels.h).
+//
+// at::native::cpu_kernel_vec runs the vector lambda over contiguous runs and the scalar lambda
+// over strided ones and the tail, and splits the work with at::parallel_for internally (grain
+// 32768 elements). TensorIterator handles any strides, so channels_last and other non-contiguous
+// inputs are processed in place, without copies.
+//
+// Include only after the including .cpp has defined CPU_CAPABILITY (and CPU_CAPABILITY_AVX2 for
+// the AVX2 build): every name below lands in namespace mishkit::cpu::CPU_CAPABILITY.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/native/TensorIterator.h>
+#include <ATen/native/cpu/Loops.h>
+
+#include "activations.h"
+#include "cpu/act_kernels.h"
+#include "cpu/vec_math.h"
+
+#ifndef CPU_CAPABILITY
+#error "define CPU_CAPABILITY before including act_kernels_impl.h"
+#endif
+
+namespace mishkit::cpu::CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// Compute type: float for float/half/bfloat16, double for double.
+template <class scalar_t>
+using Acc = at::opmath_type<scalar_t>;
+
+template <class T>
+act::Params<T> cast_params(const double* params) {
+  return {static_cast<T>(params[0]), static_cast<T>(params[1])};
+}
+
+template <class Op, class scalar_t>
+void forward_loop(at::TensorIteratorBase& iter, const double* params) {
+  using acc_t = Acc<scalar_t>;
+  using SM = act::ScalarMath<acc_t>;
+  using VM = act::VecMath<acc_t>;
+  const auto ps = cast_params<acc_t>(params);
+  const act::Params<Vectorized<acc_t>> pv{Vectorized<acc_t>(ps.p0), Vectorized<acc_t>(ps.p1)};
+  const auto scalar_op = [ps](scalar_t x) -> scalar_t {
+    return static_cast<scalar_t>(Op::template forward<SM>(static_cast<acc_t>(x), ps));
+  };
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    at::native::cpu_kernel_vec(iter, scalar_op, [pv](Vectorized<scalar_t> x) {
+      return Op::template forward<VM>(x, pv);
+    });
+  } else {  // half types: widen to two float vectors, compute, narrow
+    at::native::cpu_kernel_vec(iter, scalar_op, [pv](Vectorized<scalar_t> x) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(x);
+      return at::vec::convert_from_float<scalar_t>(Op::template forward<VM>(lo, pv),
+                                                   Op::template forward<VM>(hi, pv));
+    });
+  }
+}
+
+template <class Op, class scalar_t>
+void backward_loop(at::TensorIteratorBase& iter, const double* params) {
+  using acc_t = Acc<scalar_t>;
+  using SM = act::ScalarMath<acc_t>;
+  using VM = act::VecMath<acc_t>;
+  const auto ps = cast_params<acc_t>(params);
+  const act::Params<Vectorized<acc_t>> pv{Vectorized<acc_t>(ps.p0), Vectorized<acc_t>(ps.p1)};
+  const auto scalar_op = [ps](scalar_t x, scalar_t g) -> scalar_t {
+    const acc_t d = Op::template derivative<SM>(static_cast<acc_t>(x), ps);
+    return static_cast<scalar_t>(static_cast<acc_t>(g) * d);
+  };
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    at::native::cpu_kernel_vec(iter, scalar_op, [pv](Vectorized<scalar_t> x,
+                                                     Vectorized<scalar_t> g) {
+      return g * Op::template derivative<VM>(x, pv);
+    });
+  } else {
+    at::native::cpu_kernel_vec(iter, scalar_op, [pv](Vectorized<scalar_t> x,
+                                                     Vectorized<scalar_t> g) {
+      auto [g_lo, g_hi] = at::vec::convert_to_float<scalar_t>(g);
+      auto [x_lo, x_hi] = at::vec::convert_to_float<scalar_t>(x);
+      return at::vec::convert_from_float<scalar_t>(g_lo * Op::template derivative<VM>(x_lo, pv),
+                                                   g_hi * Op::template derivative<VM>(x_hi, pv));
+    });
+  }
+}
+
+template <class Op>
+void forward_kernel(at::TensorIteratorBase& iter, const double* params) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, iter.common_dtype(),
+                                  "mishkit_act_forward",
+                                  [&] { forward_loop<Op, scalar_t>(iter, params); });
+}
+
+template <class Op>
+void backward_kernel(at::TensorIteratorBase& iter, const double* params) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, iter.common_dtype(),
+                                  "mishkit_act_backward",
+                                  [&] { backward_loop<Op, scalar_t>(iter, params); });
+}
+
+const KernelTable& kernel_table() {
+#define MISHKIT_FORWARD_ENTRY(name, Functor) &forward_kernel<act::Functor>,
+#define MISHKIT_BACKWARD_ENTRY(name, Functor) &backward_kernel<act::Functor>,
+  static const KernelTable table{
+      MISHKIT_CPU_CAPABILITY_NAME,
+      {MISHKIT_FOR_EACH_ACTIVATION(MISHKIT_FORWARD_ENTRY)},
+      {MISHKIT_FOR_EACH_ACTIVATION(MISHKIT_BACKWARD_ENTRY)},
+  };
+#undef MISHKIT_FORWARD_ENTRY
+#undef MISHKIT_BACKWARD_ENTRY
+  return table;
+}
+
+}  // namespace mishkit::cpu::CPU_CAPABILITY

@@ -1,0 +1,131 @@
+// Torch glue of the fused BatchNorm + activation CUDA kernels: argument checks (shared with the
+// CPU ops, cpu/bn_act_checks.h), allocation, device guard, current stream, registration.
+// Built only with CUDA (setup.py); the schemas are defined in bn_act.cpp.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "cpu/bn_act_checks.h"
+#include "cuda/bn_act_launch.h"
+
+namespace mishkit {
+namespace {
+
+cuda::BnDType dtype_of(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kDouble: return cuda::BnDType::kDouble;
+    case at::kHalf: return cuda::BnDType::kHalf;
+    case at::kBFloat16: return cuda::BnDType::kBFloat16;
+    default: return cuda::BnDType::kFloat;  // check_input admits only the four float types
+  }
+}
+
+cuda::BnGeometry geometry_of(const at::Tensor& x) {
+  int64_t spatial = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) spatial *= x.size(d);
+  return {x.size(0), x.size(1), spatial, !x.is_contiguous()};
+}
+
+at::Tensor channel_vector(const at::Tensor& x) {
+  const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::empty({x.size(1)}, x.options().dtype(compute));
+}
+
+at::Tensor workspace_for(const at::Tensor& x) {
+  return at::zeros({2 * x.size(1)}, x.options().dtype(at::kDouble));
+}
+
+void check_launch(const char* op, cudaError_t error) {
+  TORCH_CHECK(error == cudaSuccess, op, ": CUDA kernel launch failed: ",
+              cudaGetErrorString(error));
+}
+
+void check_cuda(const char* op, const at::Tensor& x) {
+  bn_act::check_input(op, x);
+  TORCH_CHECK(x.is_cuda(), op, ": expected a CUDA tensor, got one on ", x.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> stats_cuda(const at::Tensor& x) {
+  check_cuda("mishkit::bn_act_stats", x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor mean = channel_vector(x), var = channel_vector(x), workspace = workspace_for(x);
+  check_launch("mishkit::bn_act_stats",
+               cuda::launch_bn_act_stats(x.const_data_ptr(), dtype_of(x), geometry_of(x),
+                                         mean.data_ptr(), var.data_ptr(),
+                                         workspace.data_ptr<double>(),
+                                         c10::cuda::getCurrentCUDAStream()));
+  return {mean, var};
+}
+
+at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
+                        const at::Tensor& shift, c10::string_view name,
+                        c10::ArrayRef<double> params) {
+  constexpr const char* op = "mishkit::bn_act_forward";
+  check_cuda(op, x);
+  bn_act::check_channel_vectors(op, x, {&mean, &scale, &shift});
+  const ActCall call = bn_act::resolve_activation(op, x, name, params);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty_like(x);
+  check_launch(op, cuda::launch_bn_act_forward(
+                       x.const_data_ptr(), dtype_of(x), geometry_of(x), mean.const_data_ptr(),
+                       scale.const_data_ptr(), shift.const_data_ptr(), y.data_ptr(),
+                       static_cast<int>(call.id), call.params.data(),
+                       c10::cuda::getCurrentCUDAStream()));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
+    const at::Tensor& scale, const at::Tensor& shift, c10::string_view name,
+    c10::ArrayRef<double> params) {
+  constexpr const char* op = "mishkit::bn_act_backward_reduce";
+  check_cuda(op, x);
+  bn_act::check_grad(op, grad_out, x);
+  bn_act::check_channel_vectors(op, x, {&mean, &scale, &shift});
+  const ActCall call = bn_act::resolve_activation(op, x, name, params);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor sum_dz = channel_vector(x), sum_dz_xmu = channel_vector(x);
+  at::Tensor workspace = workspace_for(x);
+  check_launch(op, cuda::launch_bn_act_backward_reduce(
+      grad_out.const_data_ptr(), x.const_data_ptr(), dtype_of(x), geometry_of(x),
+      mean.const_data_ptr(), scale.const_data_ptr(), shift.const_data_ptr(), sum_dz.data_ptr(),
+      sum_dz_xmu.data_ptr(), workspace.data_ptr<double>(), static_cast<int>(call.id),
+      call.params.data(), c10::cuda::getCurrentCUDAStream()));
+  return {sum_dz, sum_dz_xmu};
+}
+
+at::Tensor backward_elemt_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                               const at::Tensor& mean, const at::Tensor& scale,
+                               const at::Tensor& shift, const at::Tensor& coef_xmu,
+                               const at::Tensor& coef_const, c10::string_view name,
+                               c10::ArrayRef<double> params) {
+  constexpr const char* op = "mishkit::bn_act_backward_elemt";
+  check_cuda(op, x);
+  bn_act::check_grad(op, grad_out, x);
+  bn_act::check_channel_vectors(op, x, {&mean, &scale, &shift, &coef_xmu, &coef_const});
+  const ActCall call = bn_act::resolve_activation(op, x, name, params);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor grad_x = at::empty_like(x);
+  check_launch(op, cuda::launch_bn_act_backward_elemt(
+      grad_out.const_data_ptr(), x.const_data_ptr(), dtype_of(x), geometry_of(x),
+      mean.const_data_ptr(), scale.const_data_ptr(), shift.const_data_ptr(),
+      coef_xmu.const_data_ptr(), coef_const.const_data_ptr(), grad_x.data_ptr(),
+      static_cast<int>(call.id), call.params.data(), c10::cuda::getCurrentCUDAStream()));
+  return grad_x;
+}
+
+}  // namespace
+}  // namespace mishkit
+
+TORCH_LIBRARY_IMPL(mishkit, CUDA, m) {
+  m.impl("bn_act_stats", &mishkit::stats_cuda);
+  m.impl("bn_act_forward", &mishkit::forward_cuda);
+  m.impl("bn_act_backward_reduce", &mishkit::backward_reduce_cuda);
+  m.impl("bn_act_backward_elemt", &mishkit::backward_elemt_cuda);
+}
