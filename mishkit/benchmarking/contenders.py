@@ -1,0 +1,145 @@
+"""What the kernel benchmark compares: mishkit's backends against torch's own ways of doing it.
+
+Each contender builds a forward callable ``f(x) -> y`` for one activation on one device, or
+raises :class:`Unavailable` with the reason (a missing backend, no native op, ...), which the
+harness records instead of crashing. Backward timings go through autograd for every contender,
+so each pays the same engine overhead and runs its own backward kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends, functional
+from ..registry import ActivationSpec
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Unavailable(Exception):
+    """A contender that cannot run here; the message says why."""
+
+
+# The composite formula a user would write in eager mode, in the input's dtype. Where the registry
+# reference adds +-inf limit handling (extra kernels), this is the plain textbook formula.
+NAIVE_FORMULAS: dict[str, Forward] = {
+    "mish": lambda x: x * torch.tanh(F.softplus(x)),
+    "silu": lambda x: x * torch.sigmoid(x),
+    "gelu": lambda x: 0.5 * x * (1 + torch.erf(x * math.sqrt(0.5))),
+    "gelu_tanh": lambda x: 0.5 * x * (
+        1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x))
+    ),
+    "hardswish": lambda x: x * torch.clamp(x + 3, 0, 6) / 6,
+    "hardmish": lambda x: x * torch.clamp(x + 2, 0, 2) / 2,
+    "tanhexp": lambda x: x * torch.tanh(torch.exp(x)),
+    "serf": lambda x: x * torch.erf(F.softplus(x)),
+    "smish": lambda x: x * torch.tanh(torch.log1p(torch.sigmoid(x))),
+    "logish": lambda x: x * torch.log1p(torch.sigmoid(x)),
+    "relu": lambda x: torch.clamp(x, min=0),
+}
+
+
+def naive_formula(spec: ActivationSpec) -> Forward:
+    """The eager composite for ``spec`` (the registry reference where it is already plain)."""
+    if spec.name in NAIVE_FORMULAS:
+        return NAIVE_FORMULAS[spec.name]
+    params = dict(spec.params)
+    return lambda x: spec.reference(x, **params)
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    device: torch.device
+    compile_activations: frozenset[str]  # torch.compile costs seconds per graph: opt-in per name
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    role: str  # "mishkit" (ours), "baseline" (speed-ups are reported against it) or "floor"
+    build: Callable[[ActivationSpec, BuildContext], Forward]
+    description: str
+
+
+def _mishkit_backend(backend: str) -> Callable[[ActivationSpec, BuildContext], Forward]:
+    def build(spec: ActivationSpec, ctx: BuildContext) -> Forward:
+        if backend == "triton" and ctx.device.type != "cuda":
+            raise Unavailable("the Triton CPU interpreter is a correctness tool, not timed")
+        reason = backends.unavailable_reason(backend, ctx.device)
+        if reason is not None:
+            raise Unavailable(reason)
+        name = spec.name
+        return lambda x: functional.activation(x, name, backend=backend)
+
+    return build
+
+
+def _native(spec: ActivationSpec, ctx: BuildContext) -> Forward:
+    if spec.native is None:
+        raise Unavailable(f"torch has no native {spec.name} op")
+    native = spec.native
+    return lambda x: native(x)
+
+
+def _naive(spec: ActivationSpec, ctx: BuildContext) -> Forward:
+    return naive_formula(spec)
+
+
+def _compiled(spec: ActivationSpec, ctx: BuildContext) -> Forward:
+    if spec.name not in ctx.compile_activations:
+        raise Unavailable(
+            f"torch.compile is measured for {sorted(ctx.compile_activations) or 'no activation'} "
+            "only (--compile-activations; each graph compiles for seconds)"
+        )
+    _raise_recompile_limit()
+    # dynamic=True: one graph serves every size instead of one recompilation per size
+    return torch.compile(naive_formula(spec), dynamic=True)
+
+
+def _relu_floor(spec: ActivationSpec, ctx: BuildContext) -> Forward:
+    return F.relu
+
+
+def _raise_recompile_limit() -> None:
+    # Every (activation, dtype, grad mode) is a new graph of one code object; the default limit
+    # of 8 would silently fall back to eager mid-benchmark.
+    import torch._dynamo
+
+    for key in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, key):
+            setattr(torch._dynamo.config, key, max(getattr(torch._dynamo.config, key), 256))
+
+
+CONTENDERS: dict[str, Contender] = {
+    c.name: c
+    for c in (
+        Contender("mishkit-cuda", "mishkit", _mishkit_backend("cuda"), "mishkit CUDA kernels"),
+        Contender("mishkit-triton", "mishkit", _mishkit_backend("triton"), "mishkit Triton"),
+        Contender("mishkit-cpu", "mishkit", _mishkit_backend("cpu"), "mishkit C++ CPU kernels"),
+        Contender("mishkit-torch", "mishkit", _mishkit_backend("torch"),
+                  "mishkit pure-torch reference backend"),
+        Contender("native", "baseline", _native, "torch's native op (F.mish, F.silu, ...)"),
+        Contender("naive", "baseline", _naive, "the composite formula in eager mode"),
+        Contender("compile", "baseline", _compiled, "torch.compile of the composite formula"),
+        Contender("relu", "floor", _relu_floor, "F.relu, the cheapest activation (the floor)"),
+    )
+}
+
+BASELINES = tuple(name for name, c in CONTENDERS.items() if c.role in ("baseline", "floor"))
+
+
+def resolve(names: list[str] | None) -> list[Contender]:
+    """Contenders by name (all when None); an unknown name is an error listing the valid ones."""
+    if names is None:
+        return list(CONTENDERS.values())
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown:
+        raise ValueError(
+            f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(CONTENDERS)}"
+        )
+    return [CONTENDERS[n] for n in names]

@@ -1,0 +1,183 @@
+"""Run metadata, JSON-lines output, the targets table and the markdown summary."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import __version__, backends
+
+RESULTS_FILE = "results.jsonl"
+SUMMARY_FILE = "summary.md"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def device_slug(device: torch.device) -> str:
+    """Directory name under benchmarks/results/, e.g. nvidia-h100-80gb-hbm3, cpu-amd-epyc-2c."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device_name(device)
+    if device.type == "cpu":
+        name = "cpu-" + re.sub(r"\(.*\)", "", name) + f"-{os.cpu_count()}c"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _git_commit() -> str | None:
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def metadata(device: torch.device, argv: list[str]) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "record": "meta", "device": device_name(device), "device_type": device.type,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(), "mishkit": __version__, "python": platform.python_version(),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "load_average_start": list(os.getloadavg()), "backends": backends.backend_status(),
+        "argv": argv,
+    }
+
+
+class ResultsWriter:
+    """Appends records to ``results.jsonl`` as they arrive, so a killed run keeps its rows."""
+
+    def __init__(self, out_dir: Path):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / RESULTS_FILE
+        self.records: list[dict] = []
+        self._file = self.path.open("w")
+
+    def write(self, records: Iterable[dict]) -> None:
+        for record in records:
+            self.records.append(record)
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_results(path: Path) -> list[dict]:
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not a JSON line: {exc}") from None
+    return records
+
+
+# -- targets ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    label: str
+    record: str  # "kernel" or "bn_act"
+    where: dict  # fields the row must match
+    metric: str  # field, or "speedup.<baseline>"
+    op: str  # ">=" or "<="
+    threshold: float
+
+
+def _kernel_targets(log2: int, dtypes: tuple[str, ...]) -> list[Target]:
+    targets = []
+    for d in dtypes:
+        at = {"activation": "mish", "dtype": d, "log2_numel": log2}
+        targets += [
+            Target(f"Mish forward {d} ≥ 90% of copy bandwidth", "kernel",
+                   {**at, "mode": "forward"}, "copy_ratio", ">=", 0.90),
+            Target(f"Mish backward {d} ≥ 85% of copy bandwidth", "kernel",
+                   {**at, "mode": "backward"}, "copy_ratio", ">=", 0.85),
+            Target(f"Mish fwd+bwd {d} ≥ 3× naive composite", "kernel",
+                   {**at, "mode": "forward+backward"}, "speedup.naive", ">=", 3.0),
+            Target(f"Mish fwd+bwd {d} no slower than native F.mish", "kernel",
+                   {**at, "mode": "forward+backward"}, "speedup.native", ">=", 1.0),
+            Target(f"Mish fwd+bwd {d} no slower than torch.compile", "kernel",
+                   {**at, "mode": "forward+backward"}, "speedup.compile", ">=", 1.0),
+        ]
+    return targets
+
+
+GPU_TARGETS = [
+    *_kernel_targets(26, ("fp32", "bf16")),
+    Target("fused BN+Mish fwd+bwd ≥ 1.3× BN + F.mish", "bn_act",
+           {"activation": "mish", "dtype": "fp32", "variant": "BatchNormAct2d"},
+           "speedup_vs_bn_native", ">=", 1.3),
+    Target("fused BN+Mish saved bytes ≤ 2/3 of BN + F.mish", "bn_act",
+           {"activation": "mish", "dtype": "fp32", "variant": "BatchNormAct2d"},
+           "saved_ratio_vs_bn_native", "<=", 2 / 3),
+]
+CPU_TARGETS = [
+    Target("CPU Mish forward fp32 2^22 no slower than native", "kernel",
+           {"activation": "mish", "dtype": "fp32", "log2_numel": 22, "mode": "forward"},
+           "speedup.native", ">=", 1.0),
+    Target("CPU Mish fwd+bwd fp32 2^22 no slower than native", "kernel",
+           {"activation": "mish", "dtype": "fp32", "log2_numel": 22, "mode": "forward+backward"},
+           "speedup.native", ">=", 1.0),
+]
+
+
+def evaluate_targets(records: list[dict], device_type: str, ours: str) -> list[dict]:
+    """Each target with its measured value and met / not met / not measured (with why)."""
+    rows = []
+    for target in GPU_TARGETS if device_type == "cuda" else CPU_TARGETS:
+        where = dict(target.where)
+        if target.record == "kernel":
+            where["contender"] = ours
+        match = [r for r in records if r.get("record") == target.record
+                 and all(r.get(k) == v for k, v in where.items())]
+        value = _metric(match[0], target.metric) if match else None
+        if value is None:
+            why = match[0].get("reason", "baseline missing") if match else "row not in this run"
+            rows.append({"target": target.label, "value": None, "threshold": target.threshold,
+                         "status": f"not measured ({why})"})
+            continue
+        met = value >= target.threshold if target.op == ">=" else value <= target.threshold
+        rows.append({"target": target.label, "value": value, "threshold": target.threshold,
+                     "status": "met" if met else "not met"})
+    return rows
+
+
+def _metric(row: dict, metric: str) -> float | None:
+    if row.get("status") != "ok":
+        return None
+    if metric.startswith("speedup."):
+        return row.get("speedup", {}).get(metric.split(".", 1)[1])
+    return row.get(metric)

@@ -1,0 +1,104 @@
+"""Timing one zero-argument callable: median and p20/p80 in seconds, warmed up first.
+
+GPU: ``triton.testing.do_bench`` (CUDA events; it flushes L2 before every repetition, so inputs
+are never cache-hot) with CUDA events as the fallback. CPU: ``torch.utils.benchmark``, whose
+blocked measurements give the spread; CPU inputs are rotated by the caller (``rotation_count``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.utils.benchmark as torch_benchmark
+
+MAX_ROTATION = 1024
+
+
+@dataclass(frozen=True)
+class Timing:
+    median: float  # seconds
+    p20: float
+    p80: float
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """How long to measure. GPU values are do_bench's milliseconds, CPU ones seconds."""
+
+    gpu_warmup_ms: float = 10.0
+    gpu_rep_ms: float = 40.0
+    cpu_min_run_time_s: float = 0.2
+    warmup_calls: int = 3
+    # Rotate CPU inputs across at least this many bytes: twice the 32 MiB L3 of the reference
+    # machine, so a small input comes from memory, as inside a network, not from cache.
+    cpu_rotation_bytes: int = 64 * 2**20
+
+
+def rotation_count(bytes_per_input: int, device: torch.device, config: TimingConfig) -> int:
+    """How many distinct input sets to cycle through so the working set exceeds the cache."""
+    if device.type == "cuda" or bytes_per_input <= 0:
+        return 1  # do_bench flushes L2 between repetitions
+    return max(1, min(MAX_ROTATION, math.ceil(config.cpu_rotation_bytes / bytes_per_input)))
+
+
+def cycling(items: Sequence):
+    """A zero-argument callable returning the items in turn (cheap: one C-level next())."""
+    return itertools.cycle(items).__next__
+
+
+def measure(fn: Callable[[], object], device: torch.device, config: TimingConfig) -> Timing:
+    """Warm ``fn`` up, then time it on ``device``; raises whatever ``fn`` raises."""
+    for _ in range(config.warmup_calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return _measure_cuda(fn, config)
+    return _measure_cpu(fn, config)
+
+
+def _measure_cpu(fn, config: TimingConfig) -> Timing:
+    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    measurement = timer.blocked_autorange(min_run_time=config.cpu_min_run_time_s)
+    times = sorted(measurement.times)  # seconds per call, one value per block
+    return Timing(measurement.median, _quantile(times, 0.2), _quantile(times, 0.8))
+
+
+def _measure_cuda(fn, config: TimingConfig) -> Timing:
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return _measure_cuda_events(fn, config)
+    median, p20, p80 = do_bench(
+        fn, warmup=config.gpu_warmup_ms, rep=config.gpu_rep_ms, quantiles=[0.5, 0.2, 0.8]
+    )
+    return Timing(median * 1e-3, p20 * 1e-3, p80 * 1e-3)
+
+
+def _measure_cuda_events(fn, config: TimingConfig) -> Timing:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    repetitions = max(5, int(config.gpu_rep_ms / max(start.elapsed_time(end), 1e-3)))
+    times = []
+    for _ in range(repetitions):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    times.sort()
+    return Timing(_quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8))
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile of an already sorted, non-empty sequence."""
+    position = q * (len(sorted_values) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)

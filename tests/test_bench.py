@@ -1,0 +1,228 @@
+"""The benchmark harness: a tiny in-process run through the whole path, and its arithmetic."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mishkit import backends
+from mishkit.__main__ import main
+from mishkit.bench import parse_sizes
+from mishkit.benchmarking import contenders, report, timing
+from mishkit.registry import get_spec
+
+ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
+ELEMENTS = {"forward": 2, "backward": 3, "forward+backward": 5}  # the issue's byte accounting
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    code = main(["bench", "--smoke", "--out", str(out), "--activations", "mish,relu",
+                 "--dtypes", "fp32,bf16", "--sizes", "10,12", "--suites", "kernel,bn_act,memory",
+                 "--contenders",
+                 "mishkit-cuda,mishkit-cpu,mishkit-torch,native,naive,compile,relu"])
+    assert code == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    return out, records
+
+
+def test_run_writes_results_summary_and_plots(tiny_run):
+    out, records = tiny_run
+    for name in ("results.jsonl", "summary.md", "bandwidth_mish.png", "bandwidth_relu.png",
+                 "speedup.png", "memory.png"):
+        assert (out / name).stat().st_size > 0, name
+    meta = records[0]
+    assert meta["record"] == "meta"
+    assert meta["torch"] == torch.__version__ and meta["device_type"] == "cpu"
+    for key in ("device", "cuda", "triton", "git_commit", "date", "load_average_start"):
+        assert key in meta
+    summary = (out / "summary.md").read_text()
+    assert "## Targets" in summary and "CPU Mish forward fp32 2^22" in summary
+
+
+def test_every_case_has_every_mode_and_contender(tiny_run):
+    _, records = tiny_run
+    kernel = [r for r in records if r["record"] == "kernel"]
+    keys = {(r["activation"], r["dtype"], r["log2_numel"], r["mode"], r["contender"])
+            for r in kernel}
+    assert len(keys) == len(kernel) == 2 * 2 * 2 * 3 * 7
+
+
+def test_rows_report_consistent_bandwidth_and_speedups(tiny_run):
+    _, records = tiny_run
+    copies = {(r["dtype"], r["numel"]): r for r in records if r["record"] == "copy"}
+    ok = [r for r in records if r["record"] == "kernel" and r["status"] == "ok"]
+    assert ok
+    for row in ok:
+        numel = 2 ** row["log2_numel"]
+        assert row["numel"] == numel
+        assert row["bytes_moved"] == ELEMENTS[row["mode"]] * numel * ITEMSIZE[row["dtype"]]
+        seconds = row["time_ms_median"] * 1e-3
+        assert row["gbps"] == pytest.approx(row["bytes_moved"] / seconds / 1e9)
+        copy = copies[row["dtype"], numel]
+        assert copy["bytes_moved"] == 2 * numel * ITEMSIZE[row["dtype"]]
+        assert row["copy_gbps"] == pytest.approx(copy["gbps"])
+        assert row["copy_ratio"] == pytest.approx(row["gbps"] / copy["gbps"])
+        assert row["time_ms_p20"] <= row["time_ms_median"] <= row["time_ms_p80"]
+        same = {r["contender"]: r for r in ok if (r["activation"], r["dtype"], r["numel"],
+                r["mode"]) == (row["activation"], row["dtype"], numel, row["mode"])}
+        for baseline, ratio in row["speedup"].items():
+            assert ratio == pytest.approx(same[baseline]["time_ms_median"] / row["time_ms_median"])
+        assert set(row["speedup"]) == {"native", "naive", "relu"}  # compile is off in smoke
+
+
+def test_saved_bytes_match_what_each_contender_keeps(tiny_run):
+    _, records = tiny_run
+    rows = {(r["activation"], r["dtype"], r["numel"], r["contender"]): r for r in records
+            if r["record"] == "kernel" and r["status"] == "ok"}
+    for (activation, dtype, numel, contender), row in rows.items():
+        x_bytes = numel * ITEMSIZE[dtype]
+        if contender in ("mishkit-cpu", "mishkit-torch", "native", "relu"):
+            assert row["saved_bytes"] == x_bytes  # input (or ReLU's output) only
+        if contender == "naive" and activation == "mish":
+            assert row["saved_bytes"] > x_bytes  # x, softplus, tanh: several tensors
+
+
+def test_unavailable_contenders_carry_the_backend_reason(tiny_run):
+    _, records = tiny_run
+    cuda_rows = [r for r in records if r["record"] == "kernel" and r["contender"] == "mishkit-cuda"]
+    expected = backends.unavailable_reason("cuda", torch.device("cpu"))
+    assert expected is not None
+    assert cuda_rows and all(r["status"] == "unavailable" and r["reason"] == expected
+                             for r in cuda_rows)
+    compile_rows = [r for r in records if r["record"] == "kernel" and r["contender"] == "compile"]
+    assert all(r["status"] == "unavailable" and "--compile-activations" in r["reason"]
+               for r in compile_rows)
+
+
+def test_memory_table_has_the_five_variants_in_order(tiny_run):
+    _, records = tiny_run
+    memory = [r for r in records if r["record"] == "memory"]
+    assert memory[0]["variant"] == "relu_inplace"
+    assert len(memory) == 5
+    ok = {r["variant"]: r for r in memory if r["status"] == "ok"}
+    base = ok["relu_inplace"]["saved_bytes"]
+    for row in ok.values():
+        assert row["saved_ratio_vs_relu"] == pytest.approx(row["saved_bytes"] / base)
+    if "naive_mish" in ok and "torch_mish" in ok:
+        assert ok["naive_mish"]["saved_bytes"] > ok["torch_mish"]["saved_bytes"] > base
+
+
+def test_bn_act_rows_compare_against_bn_plus_native(tiny_run):
+    _, records = tiny_run
+    rows = {r["variant"]: r for r in records if r["record"] == "bn_act"}
+    assert set(rows) == {"bn+native", "bn+mishkit", "BatchNormAct2d"}
+    base = rows["bn+native"]
+    assert base["status"] == "ok" and base["speedup_vs_bn_native"] == pytest.approx(1.0)
+    for row in rows.values():
+        if row["status"] == "ok":
+            assert row["speedup_vs_bn_native"] == pytest.approx(
+                base["time_ms_median"] / row["time_ms_median"])
+        else:
+            assert row["reason"]
+
+
+def _kernel_row(mode, **fields):
+    return {"record": "kernel", "status": "ok", "activation": "mish", "dtype": "fp32",
+            "log2_numel": 22, "mode": mode, "contender": "mishkit-cpu", **fields}
+
+
+def test_targets_met_not_met_and_not_measured():
+    records = [_kernel_row("forward", speedup={"native": 1.25}),
+               _kernel_row("forward+backward", speedup={"native": 0.8})]
+    by_label = {t["target"]: t for t in report.evaluate_targets(records, "cpu", "mishkit-cpu")}
+    assert by_label["CPU Mish forward fp32 2^22 no slower than native"]["status"] == "met"
+    assert by_label["CPU Mish fwd+bwd fp32 2^22 no slower than native"]["status"] == "not met"
+    missing = report.evaluate_targets(records[:1], "cpu", "mishkit-cpu")[1]
+    assert missing["status"].startswith("not measured") and missing["value"] is None
+    gpu = report.evaluate_targets([_kernel_row("forward", log2_numel=26, copy_ratio=0.91,
+                                               contender="mishkit-cuda")], "cuda", "mishkit-cuda")
+    assert gpu[0]["status"] == "met" and gpu[0]["value"] == 0.91
+    assert all(t["status"].startswith("not measured") for t in gpu[1:])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(0, 1e3), min_size=1, max_size=40), st.sampled_from([0.2, 0.5, 0.8]))
+def test_quantile_matches_numpy(values, q):
+    values = sorted(values)
+    assert timing._quantile(values, q) == pytest.approx(np.percentile(values, 100 * q))
+
+
+def test_rotation_fills_the_cache_budget_on_cpu_only():
+    config = timing.TimingConfig(cpu_rotation_bytes=1000)
+    assert timing.rotation_count(100, torch.device("cpu"), config) == 10
+    assert timing.rotation_count(5000, torch.device("cpu"), config) == 1
+    huge = timing.TimingConfig(cpu_rotation_bytes=10**9)
+    assert timing.rotation_count(1, torch.device("cpu"), huge) == timing.MAX_ROTATION
+    assert timing.rotation_count(100, torch.device("cuda"), config) == 1
+
+
+@pytest.mark.parametrize("name", sorted(contenders.NAIVE_FORMULAS))
+def test_naive_formulas_agree_with_the_float64_reference(name):
+    x = torch.linspace(-8, 8, 257, dtype=torch.float64)
+    spec = get_spec(name)
+    torch.testing.assert_close(contenders.naive_formula(spec)(x), spec.reference(x))
+
+
+def test_parse_sizes_and_bad_cli_input(tmp_path, capsys):
+    assert parse_sizes("12:18:2") == [12, 14, 16, 18]
+    assert parse_sizes("10,22") == [10, 22]
+    with pytest.raises(SystemExit):
+        main(["bench", "--sizes", "twelve"])
+    assert "--sizes expects log2 sizes" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown activation 'mush'"):
+        main(["bench", "--smoke", "--out", str(tmp_path), "--activations", "mush"])
+    with pytest.raises(SystemExit, match="unknown contender"):
+        main(["bench", "--smoke", "--out", str(tmp_path), "--contenders", "fastest"])
+    with pytest.raises(SystemExit, match="unknown suite"):
+        main(["bench", "--smoke", "--out", str(tmp_path), "--suites", "everything"])
+
+
+def test_cases_run_the_first_patterns_first():
+    from mishkit.benchmarking.kernel import KernelGrid
+
+    grid = KernelGrid(["relu", "mish"], ["fp32", "bf16"], [12, 22], ["forward"],
+                      first=(("mish", 22), ("*", 22)))
+    cases = grid.cases()
+    assert cases[:4] == [("mish", "fp32", 22), ("mish", "bf16", 22),
+                         ("relu", "fp32", 22), ("relu", "bf16", 22)]
+    assert sorted(cases) == sorted((a, d, s) for a in ("relu", "mish")
+                                   for d in ("fp32", "bf16") for s in (12, 22))
+
+
+@pytest.mark.gpu
+def test_gpu_rows_have_timings_and_peak_memory():
+    from mishkit.benchmarking.kernel import KernelGrid, run_kernel_grid
+
+    grid = KernelGrid(["mish"], ["fp32"], [16], list(ELEMENTS),
+                      contenders=["mishkit-cuda", "mishkit-triton", "native", "naive"])
+    config = timing.TimingConfig(gpu_warmup_ms=1, gpu_rep_ms=3)
+    rows = [r for r in run_kernel_grid(grid, torch.device("cuda"), config, log=lambda _: None)
+            if r["record"] == "kernel"]
+    native = [r for r in rows if r["contender"] == "native"]
+    assert all(r["status"] == "ok" for r in native)
+    for row in rows:
+        if row["status"] == "ok" and row["mode"] == "forward+backward":
+            assert row["peak_memory_bytes"] >= 2**16 * 4  # at least the gradient it returns
+
+
+def test_a_failing_suite_is_recorded_and_the_run_still_finishes(tmp_path, monkeypatch):
+    from mishkit.benchmarking import layers
+
+    def broken():
+        raise ImportError("mishkit.conversion is being rewritten")
+
+    monkeypatch.setattr(layers, "network_variants", broken)
+    assert main(["bench", "--smoke", "--out", str(tmp_path), "--suites", "memory,bn_act"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    errors = [r for r in records if r["record"] == "suite_error"]
+    assert errors == [{"record": "suite_error", "suite": "memory",
+                       "reason": "ImportError: mishkit.conversion is being rewritten"}]
+    assert any(r["record"] == "bn_act" for r in records)  # the next suite still ran
+    assert "Suite `memory` stopped early" in (tmp_path / "summary.md").read_text()
