@@ -82,13 +82,18 @@ class BatchNormAct2d(_NormBase):
             return self.running_mean, self.running_var
         return None, None
 
+    def _sync_group(self, use_batch_stats: bool):
+        """The process group to reduce batch statistics over; None: this process only."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         factor, use_batch_stats = self._momentum_and_batch_stats()
         running_mean, running_var = self._running_stats()
         return batch_norm_act(x, running_mean, running_var, self.weight, self.bias,
                               use_batch_stats, factor, self.eps, self.activation,
-                              self.activation_params, self.backend)
+                              self.activation_params, self.backend,
+                              process_group=self._sync_group(use_batch_stats))
 
     def extra_repr(self) -> str:
         spec = get_spec(self.activation)
@@ -160,14 +165,6 @@ class SyncBatchNormAct2d(BatchNormAct2d):
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         return group if dist.get_world_size(group) > 1 else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(x)
-        factor, use_batch_stats = self._momentum_and_batch_stats()
-        running_mean, running_var = self._running_stats()
-        return batch_norm_act(x, running_mean, running_var, self.weight, self.bias,
-                              use_batch_stats, factor, self.eps, self.activation,
-                              self.activation_params, self.backend,
-                              process_group=self._sync_group(use_batch_stats))
 
     @classmethod
     def from_sync_batchnorm(cls, bn: nn.SyncBatchNorm, activation: str, params: tuple = (),
