@@ -33,7 +33,7 @@ BUILD_RC=$?
 "$PYTHON" -m mishkit info > "$OUT/info.log" 2>&1
 
 echo "[$(elapsed) s] GPU-marked tests (log: $OUT/tests.log)"
-timeout 180 "$PYTHON" -m pytest tests -m gpu -q -p no:cacheprovider \
+timeout 240 "$PYTHON" -m pytest tests -m gpu -q -p no:cacheprovider \
     --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
 TESTS_RC=$?
 
