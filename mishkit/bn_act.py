@@ -3,6 +3,7 @@
 Drop-in for ``nn.BatchNorm2d`` (+ activation): the same parameters, buffers and state_dict keys,
 the same momentum / eps / affine / track_running_stats semantics. Training saves only the input and
 per-channel statistics for backward; eval is one fused elementwise pass. Not twice differentiable.
+``forward(x, residual)`` computes ``act(bn(x) + residual)``, saving only x and the residual.
 """
 
 from __future__ import annotations
@@ -86,14 +87,15 @@ class BatchNormAct2d(_NormBase):
         """The process group to reduce batch statistics over; None: this process only."""
         return None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``act(bn(x))``, or ``act(bn(x) + residual)`` (a ResNet block's end) fused."""
         self._check_input_dim(x)
         factor, use_batch_stats = self._momentum_and_batch_stats()
         running_mean, running_var = self._running_stats()
         return batch_norm_act(x, running_mean, running_var, self.weight, self.bias,
                               use_batch_stats, factor, self.eps, self.activation,
                               self.activation_params, self.backend,
-                              process_group=self._sync_group(use_batch_stats))
+                              process_group=self._sync_group(use_batch_stats), residual=residual)
 
     def extra_repr(self) -> str:
         spec = get_spec(self.activation)

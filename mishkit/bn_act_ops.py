@@ -26,7 +26,8 @@ carried in double across planes / blocks (CPU, CUDA) or in the compute dtype per
 
 :class:`BatchNormActFunction` composes them, shared by all backends: the cross-process reduction of
 :class:`~mishkit.bn_act.SyncBatchNormAct2d` happens here in Python, between kernel calls. It saves
-``x`` and four ``(C,)`` vectors only. Double backward is not supported (raises).
+``x`` and four ``(C,)`` vectors only. Double backward is not supported (raises). The residual
+form ``act(batch_norm(x) + r)`` reuses these pieces in :mod:`mishkit.bn_add_act`.
 """
 
 from __future__ import annotations
@@ -218,76 +219,100 @@ class BatchNormActFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps,
                 name, params, backend, process_group):
         kernels = kernels_for(backend)
-        compute = compute_dtype(x.dtype)
-        channels = x.shape[1]
-        count = None
-        if use_batch_stats:
-            mean, var = kernels.stats(x)
-            count = x.numel() // channels if channels else 0
-            if process_group is not None:
-                mean, var, count = _sync_stats(mean, var, count, process_group)
-            if count <= 1:
-                raise ValueError(
-                    "mishkit.BatchNormAct2d: expected more than 1 value per channel when "
-                    f"training, got input size {list(x.shape)}"
-                    + (" (summed over the process group)" if process_group is not None else "")
-                )
-            if running_mean is not None:
-                unbiased = var * (count / (count - 1))
-                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                running_var.lerp_(unbiased.to(running_var.dtype), momentum)
-        else:
-            mean, var = running_mean.to(compute, copy=True), running_var.to(compute)
-        invstd = torch.rsqrt(var + eps)
-        scale = invstd if weight is None else invstd * weight.to(compute)
-        shift = torch.zeros_like(mean) if bias is None else bias.to(compute, copy=True)
+        mean, invstd, scale, shift, count = normalization(
+            kernels, x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps,
+            process_group)
         y = kernels.forward(x, mean, scale, shift, name, list(params))
         ctx.save_for_backward(x, mean, invstd, scale, shift)
         ctx.setup = (use_batch_stats, count, name, list(params), backend, process_group)
-        ctx.param_dtypes = (
-            None if weight is None else weight.dtype,
-            None if bias is None else bias.dtype,
-        )
+        ctx.param_dtypes = parameter_dtypes(weight, bias)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
+        x, *statistics = ctx.saved_tensors
         with torch.no_grad():
-            grads = BatchNormActFunction._gradients(ctx, grad_out)
-        if torch.is_grad_enabled():  # create_graph=True: make differentiating these an error
-            x = ctx.saved_tensors[0]
-            grads = _RaiseOnDoubleBackward.apply(x, *grads)
-        return *grads, *([None] * 9)
+            grads = batch_norm_act_gradients(grad_out, x, statistics, ctx.setup,
+                                             ctx.needs_input_grad[:3], ctx.param_dtypes)
+        return *reject_double_backward(x, grads), *([None] * 9)
 
-    @staticmethod
-    def _gradients(ctx, grad_out):
-        x, mean, invstd, scale, shift = ctx.saved_tensors
-        use_batch_stats, count, name, params, backend, group = ctx.setup
-        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        kernels = kernels_for(backend)
-        grad_out = grad_out.contiguous(memory_format=dense_format(x))
-        grad_x = grad_weight = grad_bias = None
-        sum_dz = sum_dz_xmu = None
-        if need_weight or need_bias or (need_x and use_batch_stats):
-            sum_dz, sum_dz_xmu = kernels.backward_reduce(grad_out, x, mean, scale, shift, name,
-                                                         params)
-        if need_x:
-            if use_batch_stats:
-                total_dz, total_dz_xmu = sum_dz, sum_dz_xmu
-                if group is not None:
-                    total_dz, total_dz_xmu = _all_reduce_sum([sum_dz, sum_dz_xmu], group)
-                coef_xmu = -scale * invstd * invstd * (total_dz_xmu / count)
-                coef_const = -scale * (total_dz / count)
-            else:  # running statistics: BN is a fixed per-channel affine map
-                coef_xmu = coef_const = torch.zeros_like(scale)
-            grad_x = kernels.backward_elemt(grad_out, x, mean, scale, shift, coef_xmu, coef_const,
-                                            name, params)
-        weight_dtype, bias_dtype = ctx.param_dtypes
-        if need_weight:
-            grad_weight = (sum_dz_xmu * invstd).to(weight_dtype)
-        if need_bias:
-            grad_bias = sum_dz.to(bias_dtype)
-        return grad_x, grad_weight, grad_bias
+
+def normalization(kernels: BnActKernels, x, weight, bias, running_mean, running_var,
+                  use_batch_stats: bool, momentum: float, eps: float, process_group):
+    """``(mean, invstd, scale, shift, count)`` per channel, from the batch or the running stats.
+
+    Batch statistics update the running buffers (if given) like BatchNorm. ``count`` is the number
+    of values per channel (over the process group), None with running statistics.
+    """
+    compute = compute_dtype(x.dtype)
+    channels = x.shape[1]
+    count = None
+    if use_batch_stats:
+        mean, var = kernels.stats(x)
+        count = x.numel() // channels if channels else 0
+        if process_group is not None:
+            mean, var, count = _sync_stats(mean, var, count, process_group)
+        if count <= 1:
+            raise ValueError(
+                "mishkit.BatchNormAct2d: expected more than 1 value per channel when "
+                f"training, got input size {list(x.shape)}"
+                + (" (summed over the process group)" if process_group is not None else "")
+            )
+        if running_mean is not None:
+            unbiased = var * (count / (count - 1))
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+    else:
+        mean, var = running_mean.to(compute, copy=True), running_var.to(compute)
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else invstd * weight.to(compute)
+    shift = torch.zeros_like(mean) if bias is None else bias.to(compute, copy=True)
+    return mean, invstd, scale, shift, count
+
+
+def parameter_dtypes(weight, bias) -> tuple:
+    return (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+
+
+def batch_norm_act_gradients(grad_out, x, statistics, setup, needs, param_dtypes):
+    """``(grad_x, grad_weight, grad_bias)`` of ``act(batch_norm(x))`` from the saved state.
+
+    ``statistics`` = (mean, invstd, scale, shift); ``setup`` = (use_batch_stats, count, name,
+    params, backend, process_group); ``needs``: whether x / weight / bias need a gradient.
+    """
+    mean, invstd, scale, shift = statistics
+    use_batch_stats, count, name, params, backend, group = setup
+    need_x, need_weight, need_bias = needs
+    kernels = kernels_for(backend)
+    grad_out = grad_out.contiguous(memory_format=dense_format(x))
+    grad_x = grad_weight = grad_bias = None
+    sum_dz = sum_dz_xmu = None
+    if need_weight or need_bias or (need_x and use_batch_stats):
+        sum_dz, sum_dz_xmu = kernels.backward_reduce(grad_out, x, mean, scale, shift, name, params)
+    if need_x:
+        if use_batch_stats:
+            total_dz, total_dz_xmu = sum_dz, sum_dz_xmu
+            if group is not None:
+                total_dz, total_dz_xmu = _all_reduce_sum([sum_dz, sum_dz_xmu], group)
+            coef_xmu = -scale * invstd * invstd * (total_dz_xmu / count)
+            coef_const = -scale * (total_dz / count)
+        else:  # running statistics: BN is a fixed per-channel affine map
+            coef_xmu = coef_const = torch.zeros_like(scale)
+        grad_x = kernels.backward_elemt(grad_out, x, mean, scale, shift, coef_xmu, coef_const,
+                                        name, params)
+    weight_dtype, bias_dtype = param_dtypes
+    if need_weight:
+        grad_weight = (sum_dz_xmu * invstd).to(weight_dtype)
+    if need_bias:
+        grad_bias = sum_dz.to(bias_dtype)
+    return grad_x, grad_weight, grad_bias
+
+
+def reject_double_backward(anchor: torch.Tensor, grads: tuple) -> tuple:
+    """``grads``, made an error to differentiate when backward runs with create_graph=True."""
+    if torch.is_grad_enabled():
+        return _RaiseOnDoubleBackward.apply(anchor, *grads)
+    return grads
 
 
 class _RaiseOnDoubleBackward(torch.autograd.Function):
@@ -315,12 +340,13 @@ def dense_format(x: torch.Tensor) -> torch.memory_format:
 
 def batch_norm_act(x, running_mean, running_var, weight, bias, use_batch_stats: bool,
                    momentum: float, eps: float, name: str, params: tuple, backend: str = "auto",
-                   process_group=None) -> torch.Tensor:
-    """``act(batch_norm(x, ...))`` in one fused op; arguments as ``F.batch_norm`` plus activation.
+                   process_group=None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(batch_norm(x, ...) [+ residual])`` fused; arguments as ``F.batch_norm`` + activation.
 
     ``x`` is ``(N, C, *)``. Contiguous and channels_last tensors are used as they are; any other
     strides are copied once to contiguous. ``process_group`` (training only) all-reduces the
-    statistics like ``torch.nn.SyncBatchNorm``.
+    statistics like ``torch.nn.SyncBatchNorm``. ``residual`` (x's shape, dtype and device, any
+    strides) is added before the activation (:mod:`mishkit.bn_add_act`).
     """
     op = f"batch_norm_act({name})"
     if not isinstance(x, torch.Tensor):
@@ -343,6 +369,13 @@ def batch_norm_act(x, running_mean, running_var, weight, bias, use_batch_stats: 
     params = spec.bind(tuple(params), {})
     chosen = backends.choose(backend, x.device, op)
     x = x.contiguous(memory_format=dense_format(x))
+    if residual is not None:
+        from .bn_add_act import BatchNormAddActFunction, check_residual
+
+        check_residual(residual, x, op)
+        return BatchNormAddActFunction.apply(x, residual, weight, bias, running_mean, running_var,
+                                             use_batch_stats, momentum, eps, spec.name, params,
+                                             chosen, process_group)
     return BatchNormActFunction.apply(x, weight, bias, running_mean, running_var,
                                       use_batch_stats, momentum, eps, spec.name, params, chosen,
                                       process_group)

@@ -37,7 +37,8 @@ _HOOK_DICTS = (
 class ConversionReport:
     """What :func:`convert` did.
 
-    ``replaced``: (path, old type, new type, kind) with kind module / functional / fused_bn;
+    ``replaced``: (path, old type, new type, kind) with kind module / functional / fused_bn /
+    fused_bn_add (``act(bn(x) + residual)``);
     ``skipped``: (path, reason).
     """
 
@@ -46,7 +47,8 @@ class ConversionReport:
 
     @property
     def counts(self) -> dict[str, int]:
-        counts = {"module": 0, "functional": 0, "fused_bn": 0, "skipped": len(self.skipped)}
+        counts = {"module": 0, "functional": 0, "fused_bn": 0, "fused_bn_add": 0,
+                  "skipped": len(self.skipped)}
         for *_, kind in self.replaced:
             counts[kind] += 1
         return counts
@@ -150,7 +152,8 @@ def convert(model: nn.Module, activation, *, replace=DEFAULT_REPLACE, include=No
     - ``functional``: also rewrite ``F.relu(x)``, ``torch.relu``, ``x.relu()``, ``F.silu`` ... in
       forward code (torch.fx); an untraceable module raises UntraceableModuleError first.
     - ``fuse_bn``: BatchNorm2d / SyncBatchNorm followed by an activation -> (Sync)BatchNormAct2d,
-      in Sequentials (the activation slot becomes Identity) and in traced forwards.
+      in Sequentials (the activation slot becomes Identity) and in traced forwards, where
+      ``act(bn(x) + r)`` (a residual block's end) becomes ``bn(x, residual=r)`` too.
     - ``"native"``: mishkit modules, fused norms and rewritten calls back to plain torch.
     """
     replace = _validate(model, replace, backend)
@@ -264,13 +267,15 @@ class _Fuser:
     def __init__(self, module, path, backend, result):
         self.module, self.path, self.backend, self.result = module, path, backend, result
 
-    def __call__(self, target, bn, name, params, act_module=None) -> str | None:
+    def __call__(self, target, bn, name, params, act_module=None, residual=False) -> str | None:
         if _has_hooks(bn) or (act_module is not None and _has_hooks(act_module)):
             return "the norm or its activation has hooks that fusion would bypass"
         fused = _fused(bn, name, params, self.backend)
         self.module.set_submodule(target, fused)
-        old = f"{type(bn).__name__} + {type(act_module).__name__ if act_module else name}"
-        self.result.replaced.append((_join(self.path, target), old, repr(fused), "fused_bn"))
+        act = type(act_module).__name__ if act_module else name
+        old = f"{type(bn).__name__} + add + {act}" if residual else f"{type(bn).__name__} + {act}"
+        kind = "fused_bn_add" if residual else "fused_bn"
+        self.result.replaced.append((_join(self.path, target), old, repr(fused), kind))
         return None
 
 
@@ -365,9 +370,7 @@ def _unfuse(model, scope, result) -> None:
                 continue
             setattr(parent, slot, bn)
             for node in [n for n in graph.nodes if n.op == "call_module" and n.target == slot]:
-                with graph.inserting_after(node):
-                    act = fx_rewrite.native_call(name, params)(graph, node)
-                node.replace_all_uses_with(act, delete_user_cb=lambda user, a=act: user is not a)
+                fx_rewrite.unfuse_call(graph, node, fx_rewrite.native_call(name, params))
             fx_rewrite.install(parent, graph)
         result.replaced.append((path, type(child).__name__, f"{type(bn).__name__} + {name}",
                                 "fused_bn"))

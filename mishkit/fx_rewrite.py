@@ -10,6 +10,7 @@ converted in place too. Converting again rewrites the installed graph, never the
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable
 
 import torch
@@ -227,11 +228,36 @@ def call_activation(node: fx.Node, module: nn.Module) -> tuple[str, tuple] | Non
     return None
 
 
+# ``a + b`` spellings (no alpha) that can end a residual block; ``out += r`` traces as operator.add
+_ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
+
+
+def _residual_operand(add: fx.Node, bn: fx.Node) -> fx.Node | None:
+    """``r`` when ``add`` is exactly ``bn + r`` or ``r + bn`` with ``r`` a computed tensor."""
+    if not _is_call(add) or add.target not in _ADDS or add.kwargs or len(add.args) != 2:
+        return None
+    first, second = add.args
+    other = second if first is bn else first if second is bn else None
+    # parameters / buffers (get_attr) may broadcast, which the fused op does not
+    if not isinstance(other, fx.Node) or other is bn or other.op == "get_attr":
+        return None
+    return other
+
+
+def _sole_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    if len(users) != 1 or _first_input(users[0]) is not node:
+        return None
+    return users[0]
+
+
 def fuse_bn(module: nn.Module, graph: fx.Graph, fuse: Callable, fusable: Callable) -> tuple:
-    """Fold each ``bn(x) -> act`` pair in ``graph`` into a fused module; returns (done, skipped).
+    """Fold ``bn(x) -> act`` and ``bn(x) -> add(·, r) -> act`` in ``graph`` into fused modules.
 
     ``fusable(bn_module)`` says whether a module is a norm to fuse; ``fuse(target, bn, name,
-    params)`` installs the fused module at ``target``.
+    params, act_module=, residual=)`` installs the fused module at ``target`` and returns None, or
+    a reason to skip. Returns ``(done, skipped)``. A residual fusion replaces the activation by
+    ``bn(x, residual=r)`` at the activation's place (after ``r`` is computed).
     """
     done, skipped = [], []
     calls: dict[str, int] = {}
@@ -241,23 +267,47 @@ def fuse_bn(module: nn.Module, graph: fx.Graph, fuse: Callable, fusable: Callabl
     for node in list(graph.nodes):
         if node.op != "call_module" or not fusable(module.get_submodule(node.target)):
             continue
+        act = add = residual = None
         users = list(node.users)
-        if len(users) != 1 or _first_input(users[0]) is not node:
-            continue
-        act = users[0]
-        found = call_activation(act, module)
+        if len(users) == 1 and call_activation(users[0], module) is None:
+            add, residual = users[0], _residual_operand(users[0], node)
+            act = _sole_user(add) if residual is not None else None
+        else:
+            act = _sole_user(node)
+        found = None if act is None else call_activation(act, module)
         if found is None:
             continue
         if calls[node.target] > 1:
             skipped.append((node.target, "the norm is called more than once in forward"))
             continue
+        act_module = module.get_submodule(act.target) if act.op == "call_module" else None
         reason = fuse(node.target, module.get_submodule(node.target), *found,
-                      act_module=module.get_submodule(act.target) if act.op == "call_module"
-                      else None)
+                      act_module=act_module, residual=residual is not None)
         if reason is not None:
             skipped.append((node.target, reason))
             continue
-        act.replace_all_uses_with(node)
-        graph.erase_node(act)
+        if residual is None:
+            act.replace_all_uses_with(node)
+            graph.erase_node(act)
+        else:
+            with graph.inserting_before(act):
+                fused = graph.call_module(node.target, node.args,
+                                          {**node.kwargs, "residual": residual})
+            act.replace_all_uses_with(fused)
+            for erased in (act, add, node):
+                graph.erase_node(erased)
         done.append(node.target)
     return done, skipped
+
+
+def unfuse_call(graph: fx.Graph, node: fx.Node, make_activation: Callable) -> None:
+    """Undo :func:`fuse_bn` for one call of a norm module: ``act(node [+ residual])`` after it."""
+    residual = node.kwargs.get("residual")
+    added = None
+    if residual is not None:
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k != "residual"}
+        with graph.inserting_after(node):
+            added = graph.call_function(operator.add, (node, residual))
+    with graph.inserting_after(added or node):
+        act = make_activation(graph, added or node)
+    node.replace_all_uses_with(act, delete_user_cb=lambda user: user not in (act, added))

@@ -265,16 +265,88 @@ def test_fuse_bn_in_traced_bottleneck_keeps_keys_and_results():
     keys = list(block.state_dict())
     block, report = mishkit.convert(block, "mish", fuse_bn=True, report=True)
     assert list(block.state_dict()) == keys and type(block) is Bottleneck and block.stride == 1
-    assert (type(block.bn1), type(block.bn2), type(block.bn3)) == (
-        mnn.BatchNormAct2d, mnn.BatchNormAct2d, nn.BatchNorm2d)  # bn3 feeds the residual add
-    assert report.counts["fused_bn"] == 2
+    assert all(type(bn) is mnn.BatchNormAct2d for bn in (block.bn1, block.bn2, block.bn3))
+    assert report.counts["fused_bn"] == 2 and report.counts["fused_bn_add"] == 1
+    assert ("bn3", "BatchNorm2d + add + Mish") in [(p, old) for p, old, _, _ in report.replaced]
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     assert_same_outputs_and_grads(block, reference, x)
-    # and back: plain BatchNorm2d + torch mish, same keys and results
+    # and back: plain BatchNorm2d, the add and torch mish, same keys and results
     mishkit.convert(block, "native")
-    assert type(block.bn1) is nn.BatchNorm2d and list(block.state_dict()) == keys
+    assert type(block.bn3) is nn.BatchNorm2d and list(block.state_dict()) == keys
     block.eval(), reference.eval()
     torch.testing.assert_close(block(x), reference(x))
+
+
+class ResidualEnds(nn.Module):
+    """Residual spellings: ``out += r`` (as CSAIL), ``r + bn(x)``, ``torch.add`` + F.relu."""
+
+    def __init__(self, c=3):
+        super().__init__()
+        self.bn1, self.bn2, self.bn3 = nn.BatchNorm2d(c), nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.bn1(x)
+        out += x
+        out = self.act(out)
+        out = self.act(x.tanh() + self.bn2(out))
+        return F.relu(torch.add(self.bn3(out), out))
+
+
+def test_fuse_bn_add_in_every_operand_order_and_spelling():
+    torch.manual_seed(0)
+    model = ResidualEnds().double()
+    reference = copy.deepcopy(model)
+    mishkit.convert(reference, "silu", functional=True)
+    model, report = mishkit.convert(model, "silu", functional=True, fuse_bn=True, report=True)
+    assert report.counts["fused_bn_add"] == 3 and report.counts["fused_bn"] == 0
+    assert all(type(bn) is mnn.BatchNormAct2d for bn in (model.bn1, model.bn2, model.bn3))
+    assert_same_outputs_and_grads(model, reference, torch.randn(2, 3, 4, 4, dtype=torch.float64))
+
+
+class NotResidualEnds(nn.Module):
+    """bn + add + act shapes that must stay unfused."""
+
+    def __init__(self, c=3):
+        super().__init__()
+        self.bn1, self.bn2, self.bn3 = nn.BatchNorm2d(c), nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+        self.act = nn.ReLU()
+        self.offset = nn.Parameter(torch.zeros(c, 1, 1))
+
+    def forward(self, x):
+        a = self.bn1(x)
+        h = self.act(a + x) + a  # the norm's output is used again
+        s = self.bn2(h) + x
+        h = self.act(s) * s  # the sum is used again
+        return self.act(self.bn3(h) + self.offset)  # a broadcasting parameter
+
+
+def test_fuse_bn_add_only_when_the_add_is_the_sole_link():
+    torch.manual_seed(0)
+    model = NotResidualEnds().double()
+    model, report = mishkit.convert(model, "mish", fuse_bn=True, report=True)
+    assert report.counts["fused_bn_add"] == 0
+    assert all(type(bn) is nn.BatchNorm2d for bn in (model.bn1, model.bn2, model.bn3))
+
+
+def test_fuse_bn_add_on_segmentation_resnet_blocks():
+    from segmentation.models.encoders.resnet import BasicBlock, Bottleneck, make_stage
+
+    torch.manual_seed(0)
+    stage = nn.Sequential(make_stage(Bottleneck, 8, 2, 2, stride=2),
+                          make_stage(BasicBlock, 8, 8, 1)).double()
+    reference = mishkit.convert(copy.deepcopy(stage), "mish")
+    keys = list(stage.state_dict())
+    stage, report = mishkit.convert(stage, "mish", fuse_bn=True, report=True)
+    assert report.counts["fused_bn_add"] == 3 and report.counts["fused_bn"] == 5
+    assert list(stage.state_dict()) == keys
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    assert_same_outputs_and_grads(stage, reference, x)
+    for first, second in zip(stage.modules(), reference.modules()):
+        if isinstance(second, nn.BatchNorm2d):
+            torch.testing.assert_close(first.running_var, second.running_var)
+    stage.eval(), reference.eval()
+    torch.testing.assert_close(stage(x), reference(x))
 
 
 def test_fuse_sync_batchnorm():
@@ -334,7 +406,8 @@ def test_report_lists_paths_types_and_counts():
     _, report = mishkit.convert(EncoderDecoder(nn.ReLU), "mish", include="encoder.*", report=True)
     text = str(report)
     assert "encoder.1: ReLU -> Mish()" in text and "decoder.1: skipped" in text
-    assert report.counts == {"module": 2, "functional": 0, "fused_bn": 0, "skipped": 1}
+    assert report.counts == {"module": 2, "functional": 0, "fused_bn": 0, "fused_bn_add": 0,
+                             "skipped": 1}
 
 
 def test_converting_again_retargets_functional_calls_and_fused_norms():
