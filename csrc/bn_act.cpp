@@ -68,8 +68,11 @@ ActCall resolve_activation(const char* op, const at::Tensor& x, c10::string_view
 namespace cpu {
 
 const BnActKernelTable& bn_act_kernels() {
-  return cpu_capability() == "avx2" ? AVX2::bn_act_kernel_table()
-                                    : DEFAULT::bn_act_kernel_table();
+  // Indexed by Capability: act_dispatch.cpp alone decides which build runs.
+  using TableFn = const BnActKernelTable& (*)();
+  static constexpr TableFn kTables[kNumCapabilities] = {
+      &DEFAULT::bn_act_kernel_table, &AVX2::bn_act_kernel_table, &AVX512::bn_act_kernel_table};
+  return kTables[static_cast<int>(active_capability())]();
 }
 
 }  // namespace cpu

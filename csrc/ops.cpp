@@ -141,9 +141,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "Canonical names of the activations the kernels implement, in registry order.");
   m.def("cpu_capability", &mishkit::cpu::cpu_capability,
-        "Instruction set of the CPU kernels in use: 'avx2' or 'default'.");
+        "Instruction set of the CPU kernels in use: 'avx512', 'avx2' or 'default'.");
   m.def("set_cpu_capability", &mishkit::cpu::set_cpu_capability, pybind11::arg("capability"),
-        "Switch the CPU kernels to 'default' or 'avx2' (tests, benchmarks).");
+        "Switch the CPU kernels to 'default', 'avx2' or 'avx512' (tests, benchmarks).");
   m.def("version", [] { return std::string(MISHKIT_VERSION_STRING); },
         "mishkit version the extension was built from.");
 }

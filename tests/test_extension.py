@@ -1,5 +1,5 @@
 """The compiled extension mishkit._C at the op level: its module functions, the CPU instruction-set
-dispatch (both builds checked against the float64 registry formulas at extreme values), argument
+dispatch (every build checked against the float64 registry formulas at extreme values), argument
 validation, memory layouts and the elementwise loop's vector body / scalar tail / thread split.
 The CUDA half is at the end (marked gpu)."""
 
@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,11 @@ from mishkit import backends
 from mishkit.registry import ACTIVATIONS
 
 _C, _REASON = backends.extension()
+# Skip only where nothing was built; a built .so that fails to load is a failure, not a skip.
+_BUILT = any(Path(mishkit.__file__).parent.glob("_C*.so")) and \
+    os.environ.get("MISHKIT_DISABLE_EXT") != "1"
+if _C is None and _BUILT:
+    raise ImportError(f"mishkit._C is built but does not load: {_REASON}")
 pytestmark = pytest.mark.skipif(_C is None, reason=f"extension not built: {_REASON}")
 
 ops = torch.ops.mishkit
@@ -33,16 +39,26 @@ EXTREMES = [0.0, -0.0, math.inf, -math.inf, math.nan, 1e4, -1e4, 1e-40, -1e-40, 
 PARAMS = {"softplus": [2.0, 5.0], "leaky_relu": [0.2], "elu": [0.7]}
 
 
-def cpu_has_avx2() -> bool:
+def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read().split()
+            return set(f.read().split())
     except OSError:
-        return False
-    return all(flag in flags for flag in ("avx2", "fma", "f16c"))
+        return set()
 
 
-CAPABILITIES = ["default", "avx2"] if cpu_has_avx2() else ["default"]
+# Each build's requirements, as act_dispatch.cpp checks them with __builtin_cpu_supports.
+REQUIRED_FLAGS = {
+    "default": (),
+    "avx2": ("avx2", "fma", "f16c"),
+    "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"),
+}
+SUPPORTED = [name for name, flags in REQUIRED_FLAGS.items() if _cpu_flags().issuperset(flags)]
+CAPABILITIES = [
+    pytest.param(name, marks=pytest.mark.skipif(
+        name not in SUPPORTED, reason=f"this CPU lacks {'/'.join(REQUIRED_FLAGS[name])}"))
+    for name in REQUIRED_FLAGS
+]
 
 
 @pytest.fixture
@@ -103,26 +119,46 @@ def test_with_cuda_matches_the_registered_kernels():
         assert not _C.with_cuda()
 
 
-def test_cpu_capability_picks_avx2_when_the_cpu_has_it():
+def test_cpu_capability_picks_the_best_build_the_cpu_supports():
     if os.environ.get("MISHKIT_CPU_CAPABILITY"):
         pytest.skip("MISHKIT_CPU_CAPABILITY overrides the automatic choice in this environment")
-    assert _C.cpu_capability() == ("avx2" if cpu_has_avx2() else "default")
+    assert _C.cpu_capability() == SUPPORTED[-1]
 
 
-def test_cpu_capability_environment_override():
+@pytest.mark.parametrize("forced", CAPABILITIES)
+def test_cpu_capability_environment_override(forced):
     code = "from mishkit import _C; print(_C.cpu_capability())"
-    env = {**os.environ, "MISHKIT_CPU_CAPABILITY": "default"}
+    env = {**os.environ, "MISHKIT_CPU_CAPABILITY": forced}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True, timeout=120)
-    assert out.stdout.strip() == "default"
+    assert out.stdout.strip() == forced
 
 
 def test_set_cpu_capability_rejects_unknown_names():
-    with pytest.raises(ValueError, match="unknown cpu capability 'sse9'"):
+    with pytest.raises(ValueError, match="unknown cpu capability 'sse9'; choose one of "
+                                         "'default', 'avx2', 'avx512'"):
         _C.set_cpu_capability("sse9")
 
 
-# -- numerics of both CPU builds -------------------------------------------------------------------
+@pytest.mark.parametrize("missing", [name for name in REQUIRED_FLAGS if name not in SUPPORTED])
+def test_set_cpu_capability_refuses_what_the_cpu_lacks(missing):
+    previous = _C.cpu_capability()
+    with pytest.raises(RuntimeError, match=f"'{missing}' requested, but this CPU lacks"):
+        _C.set_cpu_capability(missing)
+    assert _C.cpu_capability() == previous
+
+
+def test_set_cpu_capability_switches_the_reported_build():
+    previous = _C.cpu_capability()
+    try:
+        for name in SUPPORTED:
+            _C.set_cpu_capability(name)
+            assert _C.cpu_capability() == name
+    finally:
+        _C.set_cpu_capability(previous)
+
+
+# -- numerics of every CPU build -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
@@ -139,31 +175,34 @@ def test_matches_float64_reference_at_extremes(name, dtype, capability):
     assert_close(inplace, expected(name, x, params))
 
 
-@pytest.mark.skipif(len(CAPABILITIES) < 2, reason="this CPU has no AVX2: one build only")
+@pytest.mark.skipif(len(SUPPORTED) < 2, reason="this CPU has no AVX2: one build only")
 @settings(max_examples=40, deadline=None)
 @given(name=st.sampled_from(NAMES),
        values=st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=1,
                        max_size=70))
-def test_avx2_and_default_builds_agree(name, values):
+def test_vector_builds_agree_with_the_baseline(name, values):
     x = torch.tensor(values, dtype=torch.float32)
     params = params_for(name)
     previous = _C.cpu_capability()
-    results = []
+    results = {}
     try:
-        for capability in CAPABILITIES:
+        for capability in SUPPORTED:
             _C.set_cpu_capability(capability)
-            results.append((ops.act_forward(x, name, params),
-                            ops.act_backward(torch.ones_like(x), x, name, params)))
+            results[capability] = (ops.act_forward(x, name, params),
+                                   ops.act_backward(torch.ones_like(x), x, name, params))
     finally:
         _C.set_cpu_capability(previous)
-    for got, want in zip(results[0], results[1]):
-        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7, equal_nan=True)
+    for capability, got in results.items():
+        torch.testing.assert_close(got, results["default"], rtol=2e-6, atol=1e-7, equal_nan=True,
+                                   msg=lambda m, c=capability: f"{c} vs default: {m}")
 
 
+@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("size", [1, 7, 8, 9, 15, 16, 17, 33, 100_003])
-def test_vector_body_scalar_tail_and_thread_split(size, dtype):
-    # 100_003 elements exceed the parallel grain (32768): several threads, uneven chunks
+@pytest.mark.parametrize("size", [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 65, 100_003])
+def test_vector_body_scalar_tail_and_thread_split(size, dtype, capability):
+    # Vectors hold 4 to 32 elements depending on build and dtype; 100_003 elements exceed the
+    # parallel grain (32768): several threads, uneven chunks
     x = (torch.randn(size, generator=torch.Generator().manual_seed(size), dtype=torch.float64)
          * 6).to(dtype)
     for name in ("mish", "gelu", "softplus"):

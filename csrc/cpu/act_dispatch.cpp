@@ -1,4 +1,4 @@
-// Runtime choice between the baseline and AVX2 builds of the CPU activation kernels.
+// Runtime choice between the baseline, AVX2 and AVX-512 builds of the CPU activation kernels.
 #include <c10/util/Exception.h>
 
 #include <atomic>
@@ -10,9 +10,9 @@
 namespace mishkit::cpu {
 namespace {
 
+// libgcc's checks include the OS's support for the wider registers (XGETBV).
 bool cpu_has_avx2() {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  // libgcc's check includes the OS's support for the 256-bit registers (XGETBV)
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
 #else
@@ -20,22 +20,61 @@ bool cpu_has_avx2() {
 #endif
 }
 
-const KernelTable* table_for(const std::string& capability) {
-  if (capability == "default") return &DEFAULT::kernel_table();
-  if (capability == "avx2") {
-    TORCH_CHECK(cpu_has_avx2(), "mishkit: cpu capability 'avx2' requested, but this CPU lacks ",
-                "AVX2/FMA/F16C; use 'default'");
-    return &AVX2::kernel_table();
+bool cpu_has_avx512() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+bool always() { return true; }
+
+struct Build {
+  const KernelTable& (*table)();
+  bool (*supported)();
+  const char* requirement;  // for the error when the CPU lacks it
+};
+
+// Indexed by Capability.
+const Build kBuilds[kNumCapabilities] = {
+    {&DEFAULT::kernel_table, &always, "nothing"},
+    {&AVX2::kernel_table, &cpu_has_avx2, "AVX2, FMA and F16C"},
+    {&AVX512::kernel_table, &cpu_has_avx512, "AVX-512 F, BW, VL and DQ"},
+};
+
+std::string known_names() {
+  std::string out;
+  for (const char* name : kCapabilityNames) {
+    out += out.empty() ? "'" : ", '";
+    out += name;
+    out += "'";
   }
-  TORCH_CHECK_VALUE(false, "mishkit: unknown cpu capability '", capability,
-                    "'; choose 'default' or 'avx2'");
+  return out;
+}
+
+const KernelTable* table_for(const std::string& capability) {
+  for (int i = 0; i < kNumCapabilities; ++i) {
+    if (capability != kCapabilityNames[i]) continue;
+    TORCH_CHECK(kBuilds[i].supported(), "mishkit: cpu capability '", capability,
+                "' requested, but this CPU lacks ", kBuilds[i].requirement,
+                "; use 'default'");
+    return &kBuilds[i].table();
+  }
+  TORCH_CHECK_VALUE(false, "mishkit: unknown cpu capability '", capability, "'; choose one of ",
+                    known_names());
 }
 
 const KernelTable* initial_table() {
   if (const char* forced = std::getenv("MISHKIT_CPU_CAPABILITY"); forced && *forced) {
     return table_for(forced);
   }
-  return cpu_has_avx2() ? &AVX2::kernel_table() : &DEFAULT::kernel_table();
+  for (int i = kNumCapabilities - 1; i > 0; --i) {
+    if (kBuilds[i].supported()) return &kBuilds[i].table();
+  }
+  return &DEFAULT::kernel_table();
 }
 
 std::atomic<const KernelTable*>& current() {
@@ -47,7 +86,9 @@ std::atomic<const KernelTable*>& current() {
 
 const KernelTable& active_kernels() { return *current().load(std::memory_order_acquire); }
 
-std::string cpu_capability() { return active_kernels().capability; }
+Capability active_capability() { return active_kernels().capability; }
+
+std::string cpu_capability() { return kCapabilityNames[static_cast<int>(active_capability())]; }
 
 void set_cpu_capability(const std::string& capability) {
   current().store(table_for(capability), std::memory_order_release);

@@ -1,8 +1,9 @@
 // CPU activation kernels: one table per instruction set, chosen at runtime.
 //
-// act_kernels_impl.h is compiled twice, by act_kernels_default.cpp (baseline x86-64) and
-// act_kernels_avx2.cpp (AVX2 + FMA), each in its own namespace so the two builds of every inline
-// function stay apart. active_kernels() picks the best table the CPU supports on first use.
+// act_kernels_impl.h is compiled three times, by act_kernels_default.cpp (baseline x86-64),
+// act_kernels_avx2.cpp (AVX2 + FMA) and act_kernels_avx512.cpp (AVX-512 F/BW/VL/DQ), each in its
+// own namespace so the builds of every inline function stay apart. active_kernels() picks the
+// best table the CPU supports on first use.
 #pragma once
 
 #include <string>
@@ -15,13 +16,20 @@ class TensorIteratorBase;
 
 namespace mishkit::cpu {
 
+// The instruction-set builds, in order of preference from worst to best. Also the index of the
+// per-capability tables (the BatchNorm + activation kernels follow the same choice).
+enum class Capability : int { kDefault, kAvx2, kAvx512 };
+inline constexpr int kNumCapabilities = 3;
+// The user-facing names, indexed by Capability.
+inline constexpr const char* kCapabilityNames[kNumCapabilities] = {"default", "avx2", "avx512"};
+
 // One elementwise loop over a built TensorIterator. Forward iterators: (out, x); backward:
 // (grad_in, x, grad_out), x first so grad_in takes its layout. `params` holds act::kMaxParams
 // values (unused ones are 0).
 using ActLoop = void (*)(at::TensorIteratorBase& iter, const double* params);
 
 struct KernelTable {
-  const char* capability;  // "default" or "avx2"
+  Capability capability;
   ActLoop forward[act::kNumActivations];
   ActLoop backward[act::kNumActivations];
 };
@@ -32,15 +40,20 @@ const KernelTable& kernel_table();
 namespace AVX2 {
 const KernelTable& kernel_table();
 }
+namespace AVX512 {
+const KernelTable& kernel_table();
+}
 
-// The table in use: AVX2 when the CPU has AVX2, FMA and F16C, else the baseline. The environment
-// variable MISHKIT_CPU_CAPABILITY=default|avx2 overrides the choice at first use.
+// The table in use: the best build the CPU supports (AVX-512 F/BW/VL/DQ, else AVX2 + FMA + F16C,
+// else the baseline). The environment variable MISHKIT_CPU_CAPABILITY=default|avx2|avx512
+// overrides the choice at first use.
 const KernelTable& active_kernels();
 
-// "default" or "avx2": which table active_kernels() returns.
+// Which build active_kernels() returns, and its name ("default", "avx2" or "avx512").
+Capability active_capability();
 std::string cpu_capability();
 
-// Switch tables ("default" or "avx2"; for tests and benchmarks). Throws if the CPU lacks it.
+// Switch builds by name (for tests and benchmarks). Throws if the CPU lacks the instructions.
 void set_cpu_capability(const std::string& capability);
 
 }  // namespace mishkit::cpu

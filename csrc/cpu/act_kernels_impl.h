@@ -5,12 +5,15 @@
 // 32768 elements). TensorIterator handles any strides, so channels_last and other non-contiguous
 // inputs are processed in place, without copies.
 //
-// Include only after the including .cpp has defined CPU_CAPABILITY (and CPU_CAPABILITY_AVX2 for
-// the AVX2 build): every name below lands in namespace mishkit::cpu::CPU_CAPABILITY.
+// Include only after the including .cpp has defined CPU_CAPABILITY, MISHKIT_CPU_CAPABILITY_ID (a
+// Capability) and, for the vector builds, CPU_CAPABILITY_AVX2 or CPU_CAPABILITY_AVX512 (which
+// select at::vec's 256- or 512-bit Vectorized): every name below lands in namespace
+// mishkit::cpu::CPU_CAPABILITY.
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>  // convert_to_float / convert_from_float
 #include <ATen/native/TensorIterator.h>
 #include <ATen/native/cpu/Loops.h>
 
@@ -18,8 +21,8 @@
 #include "cpu/act_kernels.h"
 #include "cpu/vec_math.h"
 
-#ifndef CPU_CAPABILITY
-#error "define CPU_CAPABILITY before including act_kernels_impl.h"
+#if !defined(CPU_CAPABILITY) || !defined(MISHKIT_CPU_CAPABILITY_ID)
+#error "define CPU_CAPABILITY and MISHKIT_CPU_CAPABILITY_ID before including this header"
 #endif
 
 namespace mishkit::cpu::CPU_CAPABILITY {
@@ -103,7 +106,7 @@ const KernelTable& kernel_table() {
 #define MISHKIT_FORWARD_ENTRY(name, Functor) &forward_kernel<act::Functor>,
 #define MISHKIT_BACKWARD_ENTRY(name, Functor) &backward_kernel<act::Functor>,
   static const KernelTable table{
-      MISHKIT_CPU_CAPABILITY_NAME,
+      MISHKIT_CPU_CAPABILITY_ID,
       {MISHKIT_FOR_EACH_ACTIVATION(MISHKIT_FORWARD_ENTRY)},
       {MISHKIT_FOR_EACH_ACTIVATION(MISHKIT_BACKWARD_ENTRY)},
   };

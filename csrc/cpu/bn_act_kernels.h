@@ -1,7 +1,8 @@
 // CPU kernels of the fused BatchNorm + activation ops (contract: mishkit/bn_act_ops.py).
 //
-// bn_act_kernels_impl.h is compiled twice, like the activation kernels (cpu/act_kernels.h): a
-// baseline build and an AVX2 + FMA build; bn_act_kernels() follows mishkit's cpu_capability().
+// bn_act_kernels_impl.h is compiled once per instruction set, like the activation kernels
+// (cpu/act_kernels.h): baseline, AVX2 + FMA and AVX-512; bn_act_kernels() follows the activation
+// kernels' active_capability().
 //
 // Every kernel takes a dense x: NCHW-contiguous, or channels_last (indexed directly, no copies),
 // and (C,) per-channel vectors in the compute dtype (float32 for half inputs, float64 for double).
@@ -37,8 +38,11 @@ const BnActKernelTable& bn_act_kernel_table();
 namespace AVX2 {
 const BnActKernelTable& bn_act_kernel_table();
 }
+namespace AVX512 {
+const BnActKernelTable& bn_act_kernel_table();
+}
 
-// The table matching the activation kernels' current capability ("avx2" or "default").
+// The table of the activation kernels' current capability (cpu::active_capability()).
 const BnActKernelTable& bn_act_kernels();
 
 }  // namespace mishkit::cpu

@@ -1,33 +1,6 @@
 // AVX2 + FMA + F16C build of the fused BatchNorm + activation CPU loops, used when the activation
-// kernels run their AVX2 table (see cpu/act_kernels_avx2.cpp for why headers with code outside
-// at::vec are included before the target pragma: their inline functions must stay baseline).
-#include <ATen/AccumulateType.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/Dispatch.h>
-#include <ATen/NumericUtils.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/detail/FunctionTraits.h>
-#include <ATen/native/Math.h>
-#include <ATen/native/TensorIterator.h>
-#include <ATen/native/TensorIteratorDynamicCasting.h>
-#include <ATen/native/cpu/IsContiguous.h>
-#include <ATen/native/cpu/zmath.h>
-#include <ATen/native/quantized/AffineQuantizerBase.h>
-#include <c10/util/BFloat16-math.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <c10/util/Load.h>
-#include <c10/util/MathConstants.h>
-#include <c10/util/copysign.h>
-#include <c10/util/irange.h>
-#include <c10/util/qint32.h>
-#include <c10/util/qint8.h>
-#include <c10/util/quint8.h>
-
-#include <algorithm>
-#include <functional>
-#include <vector>
+// kernels run their AVX2 table (see cpu/act_kernels_avx2.cpp and cpu/isa_prelude.h).
+#include "cpu/isa_prelude.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #pragma GCC push_options

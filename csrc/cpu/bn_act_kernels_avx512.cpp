@@ -1,0 +1,27 @@
+// AVX-512 (F, BW, VL, DQ) + FMA build of the fused BatchNorm + activation CPU loops, used when the
+// activation kernels run their AVX-512 table (see cpu/act_kernels_avx512.cpp and
+// cpu/isa_prelude.h).
+#include "cpu/isa_prelude.h"
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+// sleef.h declares its 512-bit functions only under the compiler's AVX-512 macros, which the
+// target pragma does not define; it holds declarations only.
+#if !defined(__AVX512F__)
+#define __AVX__ 1
+#define __AVX2__ 1
+#define __AVX512F__ 1
+#include <sleef.h>
+#undef __AVX__
+#undef __AVX2__
+#undef __AVX512F__
+#endif
+#include "cpu/bn_act_kernels_impl.h"
+#pragma GCC pop_options
+#else
+#define CPU_CAPABILITY AVX512
+#include "cpu/bn_act_kernels_impl.h"
+#endif
