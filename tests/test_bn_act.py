@@ -63,19 +63,23 @@ def _assert_buffers_equal(fused, bn, **tol):
             torch.testing.assert_close(a, b, **tol, msg=name)
 
 
+def _set_mode(training, *modules):
+    """train/eval; eval gets non-trivial running statistics (4 channels)."""
+    for module in modules:
+        if not training:
+            with torch.no_grad():
+                module.running_mean.copy_(torch.linspace(-1, 1, 4))
+                module.running_var.copy_(torch.linspace(0.5, 2, 4))
+        module.train(training)
+
+
 @backend_param
 @pytest.mark.parametrize("activation,params", ACTIVATIONS)
 @pytest.mark.parametrize("training", [True, False])
 def test_matches_batchnorm_then_activation(backend, activation, params, training):
     torch.manual_seed(0)
     fused, bn = _pair(4, activation, params, backend=backend)
-    if not training:  # eval with non-trivial running statistics
-        with torch.no_grad():
-            for module in (fused, bn):
-                module.running_mean.copy_(torch.linspace(-1, 1, 4))
-                module.running_var.copy_(torch.linspace(0.5, 2, 4))
-    fused.train(training)
-    bn.train(training)
+    _set_mode(training, fused, bn)
     x = (torch.randn(3, 4, 5, 6, dtype=torch.float64) * 2 + 0.5).requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
     y, y_ref = fused(x), reference(bn, x_ref, activation, params)

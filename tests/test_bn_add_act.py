@@ -13,7 +13,7 @@ from mishkit import bn_act_ops
 from mishkit.bn_act import BatchNormAct2d, SyncBatchNormAct2d
 from mishkit.memory import saved_tensor_bytes
 from mishkit.registry import get_spec
-from tests.test_bn_act import BACKENDS, _assert_buffers_equal, _pair
+from tests.test_bn_act import BACKENDS, _assert_buffers_equal, _pair, _set_mode
 
 backend_param = pytest.mark.parametrize("backend", BACKENDS)
 
@@ -45,13 +45,7 @@ def _detached(*tensors):
 def test_matches_batchnorm_add_activation(backend, activation, params, training):
     torch.manual_seed(0)
     fused, bn = _pair(4, activation, params, backend=backend)
-    if not training:  # eval with non-trivial running statistics
-        with torch.no_grad():
-            for module in (fused, bn):
-                module.running_mean.copy_(torch.linspace(-1, 1, 4))
-                module.running_var.copy_(torch.linspace(0.5, 2, 4))
-    fused.train(training)
-    bn.train(training)
+    _set_mode(training, fused, bn)
     x, residual = _inputs()
     x_ref, residual_ref = _detached(x, residual)
     y, y_ref = fused(x, residual), reference(bn, x_ref, residual_ref, activation, params)

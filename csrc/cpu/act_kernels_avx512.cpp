@@ -10,17 +10,7 @@
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
 #define MISHKIT_CPU_CAPABILITY_ID Capability::kAvx512
-// sleef.h declares its 512-bit functions only when the compiler's ISA macros say AVX-512, which
-// the target pragma does not define; it holds declarations only.
-#if !defined(__AVX512F__)
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __AVX512F__ 1
-#include <sleef.h>
-#undef __AVX__
-#undef __AVX2__
-#undef __AVX512F__
-#endif
+#include "cpu/sleef_avx512_decls.h"
 #include "cpu/act_kernels_impl.h"
 #pragma GCC pop_options
 #else

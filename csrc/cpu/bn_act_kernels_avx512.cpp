@@ -8,17 +8,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
-// sleef.h declares its 512-bit functions only under the compiler's AVX-512 macros, which the
-// target pragma does not define; it holds declarations only.
-#if !defined(__AVX512F__)
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __AVX512F__ 1
-#include <sleef.h>
-#undef __AVX__
-#undef __AVX2__
-#undef __AVX512F__
-#endif
+#include "cpu/sleef_avx512_decls.h"
 #include "cpu/bn_act_kernels_impl.h"
 #pragma GCC pop_options
 #else
