@@ -9,15 +9,7 @@
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #define MISHKIT_CPU_CAPABILITY_ID Capability::kAvx2
-// sleef.h declares its 256-bit functions only when the compiler's ISA macros say AVX/AVX2, which
-// the target pragma does not define; it holds declarations only.
-#if !defined(__AVX2__)
-#define __AVX__ 1
-#define __AVX2__ 1
-#include <sleef.h>
-#undef __AVX__
-#undef __AVX2__
-#endif
+#include "cpu/sleef_avx2_decls.h"
 #include "cpu/act_kernels_impl.h"
 #pragma GCC pop_options
 #else

@@ -7,15 +7,7 @@
 #pragma GCC target("avx2,fma,f16c")
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
-// sleef.h declares its 256-bit functions only under the compiler's AVX/AVX2 macros, which the
-// target pragma does not define; it holds declarations only.
-#if !defined(__AVX2__)
-#define __AVX__ 1
-#define __AVX2__ 1
-#include <sleef.h>
-#undef __AVX__
-#undef __AVX2__
-#endif
+#include "cpu/sleef_avx2_decls.h"
 #include "cpu/bn_act_kernels_impl.h"
 #pragma GCC pop_options
 #else
