@@ -14,8 +14,6 @@ reduction and the gradient formulas stay the ones of :mod:`mishkit.bn_act_ops`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from . import ops
@@ -31,21 +29,6 @@ from .registry import get_spec
 
 # leaky_relu(z, 1) == z with derivative exactly 1: the BN+act kernels then compute plain BN.
 IDENTITY = ("leaky_relu", [1.0])
-
-
-def _triton_backward():
-    from . import triton_kernels  # registers torch.ops.mishkit.triton_act_*
-
-    return triton_kernels.backward
-
-
-# backend -> its activation backward op: (grad_out, x, name, params) -> grad_out * act'(x)
-_ACTIVATION_BACKWARD: dict[str, Callable[[], Callable]] = {
-    "torch": lambda: ops.reference_backward,
-    "cpu": lambda: torch.ops.mishkit.act_backward,
-    "cuda": lambda: torch.ops.mishkit.act_backward,
-    "triton": _triton_backward,
-}
 
 
 def check_residual(residual, x: torch.Tensor, op: str) -> None:
@@ -95,7 +78,7 @@ class BatchNormAddActFunction(torch.autograd.Function):
         with torch.no_grad():
             z = _pre_activation(kernels_for(backend), x, residual, mean, scale, shift)
             grad_out = grad_out.contiguous(memory_format=dense_format(z))
-            grad_z = _ACTIVATION_BACKWARD[backend]()(grad_out, z, name, params)
+            grad_z = ops.backward(grad_out, z, name, params, backend)
             del z
             grad_x, grad_weight, grad_bias = batch_norm_act_gradients(
                 grad_z, x, statistics, (use_batch_stats, count, *IDENTITY, backend, group),

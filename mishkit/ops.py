@@ -128,6 +128,20 @@ def _triton_ops():
     return triton_kernels
 
 
+# resolved backend -> its fused backward: (grad_out, x, name, params) -> grad_out * f'(x)
+_BACKWARD = {
+    "torch": lambda: reference_backward,
+    "cpu": lambda: torch.ops.mishkit.act_backward,
+    "cuda": lambda: torch.ops.mishkit.act_backward,
+    "triton": lambda: _triton_ops().backward,
+}
+
+
+def backward(grad_out, x, name: str, params, backend: str) -> torch.Tensor:
+    """``grad_out * f'(x)`` with the fused backward of an already chosen ``backend``."""
+    return _BACKWARD[backend]()(grad_out, x, name, list(params))
+
+
 def check_input(x, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"mishkit.{name}: expected a torch.Tensor, got {type(x).__name__}")
