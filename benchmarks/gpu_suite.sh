@@ -41,7 +41,7 @@ TESTS_RC=$?
 KERNEL_BUDGET=$(( TOTAL_BUDGET_S - $(elapsed) - 100 ))
 (( KERNEL_BUDGET < 30 )) && KERNEL_BUDGET=30
 echo "[$(elapsed) s] benchmarks, kernel grid budget ${KERNEL_BUDGET} s (log: $OUT/bench.log)"
-timeout $(( KERNEL_BUDGET + 240 )) "$PYTHON" -m mishkit bench --preset gpu --device cuda \
+timeout $(( KERNEL_BUDGET + 240 )) "$PYTHON" -m benchmarks --preset gpu --device cuda \
     --out "$OUT/results" --time-budget "$KERNEL_BUDGET" > "$OUT/bench.log" 2>&1
 BENCH_RC=$?
 

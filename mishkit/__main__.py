@@ -1,7 +1,8 @@
-"""``python -m mishkit info | plot | bench``.
+"""``python -m mishkit info | plot``.
 
 Subcommands live in a table: each maps to ``module:add_arguments`` and ``module:run``, so a new
-one is one entry, and heavy modules (matplotlib, the benchmark harness) import only when used.
+one is one entry, and heavy modules (matplotlib) import only when used. The benchmark harness is
+repository tooling outside the package: ``python -m benchmarks`` from a source checkout.
 """
 
 from __future__ import annotations
@@ -13,11 +14,17 @@ import sys
 SUBCOMMANDS = {
     "info": ("mishkit.info", "versions, available backends (and why others are not), activations"),
     "plot": ("mishkit.plot", "draw activations, their derivatives and output landscapes"),
-    "bench": ("mishkit.bench", "kernel / BN+act / network speed and memory benchmarks"),
 }
+# Former subcommands -> where they went (said instead of argparse's "invalid choice").
+MOVED = {"bench": "the benchmark harness lives outside the package now: run "
+                  "`python -m benchmarks` from a mishkit source checkout"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv_command(argv) in MOVED:
+        print(f"python -m mishkit {argv_command(argv)}: {MOVED[argv_command(argv)]}",
+              file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="python -m mishkit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():

@@ -14,7 +14,7 @@ from .registry import ACTIVATIONS
 
 def collect() -> dict:
     """Versions, backend availability with reasons, and the activation names."""
-    module, ext_reason = backends.extension()
+    module, ext_reason = backends.extension_module()
     try:
         import triton
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .conversion import convert
+
 
 @dataclass
 class SavedBytes:
@@ -147,8 +149,9 @@ def conv_bn_act_stack(activation: Callable[[], nn.Module], widths=(32, 64, 128, 
 
 
 def mish_variants() -> dict[str, Callable[[nn.Module], nn.Module]]:
-    """The five variants of issue 4, applied to a model built with ``nn.ReLU(inplace=True)``."""
-    from .conversion import convert
+    """Five ways to run Mish, applied to a model built with ``nn.ReLU(inplace=True)``: the ReLU
+    baseline itself, torch's nn.Mish, the naive formula, mishkit's Mish, and mishkit's Mish with
+    fused BatchNorm."""
 
     def replace_by(factory):
         def make(model):

@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from . import ops
+from .batchnorm import BatchNormAct2d, SyncBatchNormAct2d
 from .registry import ACTIVATIONS, ActivationSpec, get_spec
-
-_BN_ACT_NAMES = ("BatchNormAct2d", "SyncBatchNormAct2d")
 
 
 class Activation(nn.Module):
@@ -219,31 +218,19 @@ def to_torch(name: str, params: tuple[float, ...] = (), inplace: bool = False) -
 
 def is_norm(module: nn.Module) -> bool:
     """True for batch norms, fused or not (e.g. to exempt them from weight decay)."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return True
-    from .bn_act import BatchNormAct2d
-
-    return isinstance(module, BatchNormAct2d)
-
-
-def __getattr__(name):
-    # the fused BN modules live in bn_act.py, which imports lazily (it may import this module)
-    if name in _BN_ACT_NAMES:
-        from . import bn_act
-
-        return getattr(bn_act, name)
-    raise AttributeError(f"module 'mishkit.nn' has no attribute {name!r}")
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, BatchNormAct2d))
 
 
 __all__ = [
     "MODULES",
     "TORCH_EQUIVALENTS",
     "Activation",
+    "BatchNormAct2d",
+    "SyncBatchNormAct2d",
     "TorchEquivalent",
     "from_torch",
     "get_activation",
     "is_norm",
     "to_torch",
-    *_BN_ACT_NAMES,
     *(spec.module_name for spec in ACTIVATIONS.values()),
 ]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .ops import second_derivative
+from .backends.autograd import second_derivative
 from .registry import ACTIVATIONS, ActivationSpec, get_spec
 
 X_RANGE = (-6.0, 6.0)

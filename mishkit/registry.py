@@ -4,7 +4,7 @@ Each entry holds the public name, aliases, scalar parameters with defaults, the 
 reference formula (also the forward of the pure-torch backend), its derivative (the backward of the
 pure-torch backend, and the basis of every backend's double backward), a docs formula and
 properties. The C++/CUDA kernels (``csrc/activations.h``) and the Triton kernels
-(``mishkit/triton_kernels.py``) each hold one forward and one derivative per name listed here.
+(``mishkit/backends/triton/math.py``) each hold one forward and one derivative per name listed here.
 
 Reference formulas return the mathematical limit at +-inf (e.g. ``mish(-inf) = 0``) where the
 naive product would give ``inf * 0 = nan``; torch's native ops return nan there. This is an
@@ -161,7 +161,7 @@ def _gelu_tanh_grad(x):
 
 
 def _hardswish(x):
-    return _limits(x, x * torch.clamp(x + 3, 0, 6) / 6, 0.0)
+    return _limits(x, x * (torch.clamp(x + 3, 0, 6) / 6), 0.0)  # no x * 6 overflow
 
 
 def _hardswish_grad(x):
@@ -170,7 +170,7 @@ def _hardswish_grad(x):
 
 
 def _hardmish(x):
-    return _limits(x, x * torch.clamp(x + 2, 0, 2) / 2, 0.0)
+    return _limits(x, x * (torch.clamp(x + 2, 0, 2) / 2), 0.0)  # no x * 2 overflow
 
 
 def _hardmish_grad(x):

@@ -14,18 +14,11 @@ import mishkit
 import mishkit.functional as MF
 from mishkit.registry import ACTIVATIONS
 
+from .helpers import PARAMS, SPECIAL, TOLERANCE, assert_close, reference, reference_grad
+
 BACKENDS = mishkit.available_backends("cpu")
 NAMES = list(ACTIVATIONS)
-# Non-default parameters, so parameter passing is exercised, not just defaults.
-PARAMS = {"softplus": {"beta": 2.0, "threshold": 5.0}, "leaky_relu": {"negative_slope": 0.2},
-          "elu": {"alpha": 0.7}}
 KINKS = (0.0, 3.0, -3.0, -2.0, 2.5)  # non-smooth points (2.5: softplus threshold 5 / beta 2)
-# fp32: the bound; half types: one rounding of the float64 result (torch's defaults).
-TOLERANCE = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6),
-             torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5)}
-SPECIAL = [0.0, -0.0, 1e-40, -1e-40, 1e-310, -1e-310, 1e4, -1e4, math.inf, -math.inf, math.nan,
-           20.0, -20.0, 20.5, 88.0, -88.0, 100.0, -100.0, 3.0, -3.0, 2.0, -2.0, 2.5, 1.0, -1.0,
-           -1.19, 0.5, -0.5, 5.0, -5.0, 15.0, -15.0, 30.0, -30.0, 1e-7, -1e-7, 2.9999, -2.9999]
 
 
 def grid(dtype):
@@ -36,26 +29,11 @@ def grid(dtype):
     return values.to(dtype)
 
 
-def reference(name, x, **params):
-    spec = ACTIVATIONS[name]
-    return spec.reference(x.double(), **{**spec.params, **params})
-
-
-def reference_grad(name, x, grad, **params):
-    spec = ACTIVATIONS[name]
-    return grad.double() * spec.derivative(x.double(), **{**spec.params, **params})
-
-
 def away_from_kinks(x):
     keep = torch.ones_like(x, dtype=torch.bool)
     for kink in KINKS:
         keep &= (x - kink).abs() > 1e-3
     return x[keep]
-
-
-def assert_close(actual, expected, dtype):
-    rtol, atol = TOLERANCE[dtype]
-    torch.testing.assert_close(actual, expected.to(dtype), rtol=rtol, atol=atol, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -95,7 +73,9 @@ NATIVE = [name for name, spec in ACTIVATIONS.items() if spec.native is not None]
 def test_matches_torch_native_op(name, backend):
     spec, params = ACTIVATIONS[name], PARAMS.get(name, {})
     x = grid(torch.float32)
-    x = x[torch.isfinite(x)]  # torch's native self-gated ops give nan at -inf (documented)
+    # torch's native self-gated ops give nan at -inf (documented), and its composite gelu_tanh /
+    # hardswish overflow where |x| ~ 1e13 / 1e38: compare where both sides mean the same
+    x = x[x.abs() <= 1e4]
     x_ours, x_native = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     y_ours = MF.activation(x_ours, name, backend=backend, **params)
     y_native = spec.native(x_native, **params)

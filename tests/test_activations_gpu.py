@@ -12,15 +12,8 @@ import mishkit
 import mishkit.functional as MF
 from mishkit.registry import ACTIVATIONS
 
-from .test_activations import (
-    PARAMS,
-    TOLERANCE,
-    assert_close,
-    away_from_kinks,
-    grid,
-    reference,
-    reference_grad,
-)
+from .helpers import PARAMS, TOLERANCE, assert_close, reference, reference_grad
+from .test_activations import away_from_kinks, grid
 
 pytestmark = pytest.mark.gpu
 GPU_BACKENDS = ["cuda", "triton"]

@@ -10,20 +10,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmarks import contenders, layers, report, timing
+from benchmarks.kernel import KernelGrid, run_kernel_grid
+from benchmarks.run import main, parse_sizes
 from mishkit import backends
-from mishkit.__main__ import main
-from mishkit.bench import parse_sizes
-from mishkit.benchmarking import contenders, report, timing
+from mishkit.__main__ import main as mishkit_main
 from mishkit.registry import get_spec
 
 ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
-ELEMENTS = {"forward": 2, "backward": 3, "forward+backward": 5}  # the byte accounting
+ELEMENTS = {"forward": 2, "backward": 3, "forward+backward": 5}  # elements moved per mode
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    code = main(["bench", "--smoke", "--out", str(out), "--activations", "mish,relu",
+    code = main(["--smoke", "--out", str(out), "--activations", "mish,relu",
                  "--dtypes", "fp32,bf16", "--sizes", "10,12", "--suites", "kernel,bn_act,memory",
                  "--contenders",
                  "mishkit-cuda,mishkit-cpu,mishkit-torch,native,naive,compile,relu"])
@@ -174,19 +175,17 @@ def test_parse_sizes_and_bad_cli_input(tmp_path, capsys):
     assert parse_sizes("12:18:2") == [12, 14, 16, 18]
     assert parse_sizes("10,22") == [10, 22]
     with pytest.raises(SystemExit):
-        main(["bench", "--sizes", "twelve"])
+        main(["--sizes", "twelve"])
     assert "--sizes expects log2 sizes" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown activation 'mush'"):
-        main(["bench", "--smoke", "--out", str(tmp_path), "--activations", "mush"])
+        main(["--smoke", "--out", str(tmp_path), "--activations", "mush"])
     with pytest.raises(SystemExit, match="unknown contender"):
-        main(["bench", "--smoke", "--out", str(tmp_path), "--contenders", "fastest"])
+        main(["--smoke", "--out", str(tmp_path), "--contenders", "fastest"])
     with pytest.raises(SystemExit, match="unknown suite"):
-        main(["bench", "--smoke", "--out", str(tmp_path), "--suites", "everything"])
+        main(["--smoke", "--out", str(tmp_path), "--suites", "everything"])
 
 
 def test_cases_run_the_first_patterns_first():
-    from mishkit.benchmarking.kernel import KernelGrid
-
     grid = KernelGrid(["relu", "mish"], ["fp32", "bf16"], [12, 22], ["forward"],
                       first=(("mish", 22), ("*", 22)))
     cases = grid.cases()
@@ -198,8 +197,6 @@ def test_cases_run_the_first_patterns_first():
 
 @pytest.mark.gpu
 def test_gpu_rows_have_timings_and_peak_memory():
-    from mishkit.benchmarking.kernel import KernelGrid, run_kernel_grid
-
     grid = KernelGrid(["mish"], ["fp32"], [16], list(ELEMENTS),
                       contenders=["mishkit-cuda", "mishkit-triton", "native", "naive"])
     config = timing.TimingConfig(gpu_warmup_ms=1, gpu_rep_ms=3)
@@ -213,16 +210,19 @@ def test_gpu_rows_have_timings_and_peak_memory():
 
 
 def test_a_failing_suite_is_recorded_and_the_run_still_finishes(tmp_path, monkeypatch):
-    from mishkit.benchmarking import layers
-
     def broken():
-        raise ImportError("mishkit.conversion is being rewritten")
+        raise ImportError("no network variants in this build")
 
     monkeypatch.setattr(layers, "network_variants", broken)
-    assert main(["bench", "--smoke", "--out", str(tmp_path), "--suites", "memory,bn_act"]) == 0
+    assert main(["--smoke", "--out", str(tmp_path), "--suites", "memory,bn_act"]) == 0
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     errors = [r for r in records if r["record"] == "suite_error"]
     assert errors == [{"record": "suite_error", "suite": "memory",
-                       "reason": "ImportError: mishkit.conversion is being rewritten"}]
+                       "reason": "ImportError: no network variants in this build"}]
     assert any(r["record"] == "bn_act" for r in records)  # the next suite still ran
     assert "Suite `memory` stopped early" in (tmp_path / "summary.md").read_text()
+
+
+def test_the_former_mishkit_bench_command_points_to_the_harness(capsys):
+    assert mishkit_main(["bench", "--smoke"]) == 2
+    assert "python -m benchmarks" in capsys.readouterr().err

@@ -11,23 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from mishkit import backends, bn_act_ops
-from mishkit.bn_act import BatchNormAct2d, SyncBatchNormAct2d
+from mishkit import backends
+from mishkit._checks import BnActKernels, KernelSet, compute_dtype
+from mishkit.backends import reference as torch_backend
+from mishkit.batchnorm import BatchNormAct2d, SyncBatchNormAct2d, batch_norm_act
 from mishkit.registry import get_spec
 
+from .helpers import saved_bytes
 
-def _usable_backends() -> list[str]:
-    usable = []
-    for name in backends.available_backends("cpu"):
-        try:
-            bn_act_ops.kernels_for(name)
-        except (RuntimeError, ImportError):
-            continue  # e.g. an extension built before the BN kernels existed
-        usable.append(name)
-    return usable
-
-
-BACKENDS = _usable_backends()
+BACKENDS = backends.available_backends("cpu")
 # (activation, params) pairs covering smooth, piecewise and parametrized activations
 ACTIVATIONS = [("mish", {}), ("silu", {}), ("gelu", {}), ("hardswish", {}), ("relu", {}),
                ("leaky_relu", {"negative_slope": 0.2}), ("elu", {"alpha": 0.7}), ("tanhexp", {}),
@@ -108,7 +100,7 @@ def test_gradcheck_float64(backend, activation, params, use_batch_stats):
     stats = (None, None) if use_batch_stats else running
 
     def fn(x, weight, bias):
-        return bn_act_ops.batch_norm_act(x, *stats, weight, bias, use_batch_stats, 0.1, 1e-5,
+        return batch_norm_act(x, *stats, weight, bias, use_batch_stats, 0.1, 1e-5,
                                          spec.name, spec.bind((), params), backend)
 
     # the Triton interpreter is slow per launch: check one random direction instead of the full
@@ -206,25 +198,13 @@ def test_half_inputs_use_float32_statistics(backend, dtype):
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=5e-2, atol=5e-2)
 
 
-def _saved_bytes(fn, x):
-    saved = []
-
-    def pack(tensor):
-        saved.append(tensor.untyped_storage().nbytes() if tensor.numel() else 0)
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x)
-    return sum(saved)
-
-
 @backend_param
 def test_training_saves_only_input_and_channel_statistics(backend):
     channels = 8
     x = torch.randn(4, channels, 16, 16, requires_grad=True)
     fused = BatchNormAct2d(channels, "mish", backend=backend)
     unfused = nn.Sequential(nn.BatchNorm2d(channels), nn.Mish())
-    fused_bytes, unfused_bytes = _saved_bytes(fused, x), _saved_bytes(unfused, x)
+    fused_bytes, unfused_bytes = saved_bytes(fused, x), saved_bytes(unfused, x)
     input_bytes = x.numel() * x.element_size()
     # x itself plus at most a handful of (C,) float32 vectors
     assert input_bytes <= fused_bytes <= input_bytes + 8 * channels * 4
@@ -234,7 +214,7 @@ def test_training_saves_only_input_and_channel_statistics(backend):
 @backend_param
 def test_eval_is_one_fused_pass(backend, monkeypatch):
     calls = []
-    real = bn_act_ops.kernels_for(backend)
+    real = backends.kernels(backend).bn_act
 
     def counting(name, kernel):
         def wrapped(*args):
@@ -243,8 +223,9 @@ def test_eval_is_one_fused_pass(backend, monkeypatch):
 
         return wrapped
 
-    counted = bn_act_ops.BnActKernels(*(counting(n, k) for n, k in zip(real._fields, real)))
-    monkeypatch.setitem(bn_act_ops._KERNEL_SETS, backend, lambda: counted)
+    counted = BnActKernels(*(counting(n, k) for n, k in zip(real._fields, real)))
+    monkeypatch.setitem(backends._KERNELS, backend,
+                        KernelSet(backends.kernels(backend).act, counted))
     fused = BatchNormAct2d(3, "mish", backend=backend).eval()
     with torch.no_grad():
         fused(torch.randn(2, 3, 4, 4))
@@ -386,8 +367,8 @@ def test_cpu_instruction_sets_agree(dtype, channels_last, capability):
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     grad = torch.randn_like(x)
-    kernels, previous = bn_act_ops.kernels_for("cpu"), _C.cpu_capability()
-    mean = torch.randn(19, dtype=bn_act_ops.compute_dtype(dtype))
+    kernels, previous = backends.kernels("cpu").bn_act, _C.cpu_capability()
+    mean = torch.randn(19, dtype=compute_dtype(dtype))
     scale, shift = mean.abs() + 0.5, -mean
     try:
         try:
@@ -402,10 +383,10 @@ def test_cpu_instruction_sets_agree(dtype, channels_last, capability):
     finally:
         _C.set_cpu_capability(previous)
     reference = (
-        bn_act_ops.TORCH_KERNELS.stats(x),
-        bn_act_ops.TORCH_KERNELS.forward(x, mean, scale, shift, "gelu", []),
-        bn_act_ops.TORCH_KERNELS.backward_reduce(grad, x, mean, scale, shift, "gelu", []),
-        bn_act_ops.TORCH_KERNELS.backward_elemt(grad, x, mean, scale, shift, scale, shift,
+        torch_backend.bn_act_stats(x),
+        torch_backend.bn_act_forward(x, mean, scale, shift, "gelu", []),
+        torch_backend.bn_act_backward_reduce(grad, x, mean, scale, shift, "gelu", []),
+        torch_backend.bn_act_backward_elemt(grad, x, mean, scale, shift, scale, shift,
                                                 "gelu", []),
     )
     tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {}
@@ -448,7 +429,7 @@ def test_compiled_ops_have_fake_kernels(backend):
     """Shape/dtype propagation without running a kernel (torch.compile / export tracing)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    kernels = bn_act_ops.kernels_for(backend)
+    kernels = backends.kernels(backend).bn_act
     with FakeTensorMode():
         x = torch.empty(2, 5, 3, 3, dtype=torch.float16).to(memory_format=torch.channels_last)
         vec = torch.empty(5)

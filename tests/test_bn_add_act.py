@@ -1,4 +1,4 @@
-"""act(bn(x) + residual) fused (mishkit.bn_add_act) against BatchNorm2d + add + activation."""
+"""act(bn(x) + residual) fused (mishkit.batchnorm.residual) vs BatchNorm2d + add + activation."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mishkit import bn_act_ops
-from mishkit.bn_act import BatchNormAct2d, SyncBatchNormAct2d
+from mishkit.batchnorm import BatchNormAct2d, SyncBatchNormAct2d, batch_norm_act
 from mishkit.memory import saved_tensor_bytes
 from mishkit.registry import get_spec
 from tests.test_bn_act import BACKENDS, _assert_buffers_equal, _pair, _set_mode
@@ -74,7 +73,7 @@ def test_gradcheck_float64(backend, activation, params, use_batch_stats):
     stats = (None, None) if use_batch_stats else running
 
     def fn(x, residual, weight, bias):
-        return bn_act_ops.batch_norm_act(x, *stats, weight, bias, use_batch_stats, 0.1, 1e-5,
+        return batch_norm_act(x, *stats, weight, bias, use_batch_stats, 0.1, 1e-5,
                                          spec.name, spec.bind((), params), backend,
                                          residual=residual)
 

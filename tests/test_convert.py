@@ -11,7 +11,7 @@ from torch import nn
 
 import mishkit
 import mishkit.nn as mnn
-from mishkit.fx_rewrite import UntraceableModuleError
+from mishkit import UntraceableModuleError
 
 
 def stack(act, *, channels=4):

@@ -18,7 +18,9 @@ import mishkit
 from mishkit import backends
 from mishkit.registry import ACTIVATIONS
 
-_C, _REASON = backends.extension()
+from .helpers import DTYPES, SPECIAL, assert_close, param_list
+
+_C, _REASON = backends.extension_module()
 # Skip only where nothing was built; a built .so that fails to load is a failure, not a skip.
 _BUILT = any(Path(mishkit.__file__).parent.glob("_C*.so")) and \
     os.environ.get("MISHKIT_DISABLE_EXT") != "1"
@@ -28,15 +30,6 @@ pytestmark = pytest.mark.skipif(_C is None, reason=f"extension not built: {_REAS
 
 ops = torch.ops.mishkit
 NAMES = list(ACTIVATIONS)
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-# fp32: the issue's bound; half types: one rounding of the float64 result.
-TOLERANCE = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6),
-             torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5)}
-EXTREMES = [0.0, -0.0, math.inf, -math.inf, math.nan, 1e4, -1e4, 1e-40, -1e-40, 1e-310, -1e-310,
-            3e38, -3e38, 1e20, -1e20, 88.0, 89.0, -88.0, -104.0, 20.0, 20.5, -20.0, 10.5, -10.5,
-            3.0, -3.0, 2.0, -2.0, 2.5, -1.19, 1e-7, -1e-7]
-# Non-default parameters, so the parameter path is exercised too.
-PARAMS = {"softplus": [2.0, 5.0], "leaky_relu": [0.2], "elu": [0.7]}
 
 
 def _cpu_flags() -> set[str]:
@@ -71,14 +64,10 @@ def capability(request):
 
 def grid(dtype, n_random=300):
     gen = torch.Generator().manual_seed(0)
-    values = torch.cat([torch.tensor(EXTREMES, dtype=torch.float64),
+    values = torch.cat([torch.tensor(SPECIAL, dtype=torch.float64),
                         torch.linspace(-30, 30, 601, dtype=torch.float64),
                         torch.randn(n_random, generator=gen, dtype=torch.float64) * 8])
     return values.to(dtype)
-
-
-def params_for(name):
-    return PARAMS.get(name, list(ACTIVATIONS[name].params.values()))
 
 
 def expected(name, x, params, grad=None):
@@ -90,11 +79,6 @@ def expected(name, x, params, grad=None):
     else:
         out = grad.double() * spec.derivative(x.double(), **kwargs)
     return out.to(x.dtype)
-
-
-def assert_close(actual, wanted):
-    rtol, atol = TOLERANCE[wanted.dtype]
-    torch.testing.assert_close(actual, wanted, rtol=rtol, atol=atol, equal_nan=True)
 
 
 # -- module functions ------------------------------------------------------------------------------
@@ -166,7 +150,7 @@ def test_set_cpu_capability_switches_the_reported_build():
 @pytest.mark.parametrize("name", NAMES)
 def test_matches_float64_reference_at_extremes(name, dtype, capability):
     x = grid(dtype)
-    params = params_for(name)
+    params = param_list(name)
     grad = torch.linspace(-2, 2, x.numel(), dtype=torch.float64).to(dtype)
     assert_close(ops.act_forward(x, name, params), expected(name, x, params))
     assert_close(ops.act_backward(grad, x, name, params), expected(name, x, params, grad))
@@ -182,7 +166,7 @@ def test_matches_float64_reference_at_extremes(name, dtype, capability):
                        max_size=70))
 def test_vector_builds_agree_with_the_baseline(name, values):
     x = torch.tensor(values, dtype=torch.float32)
-    params = params_for(name)
+    params = param_list(name)
     previous = _C.cpu_capability()
     results = {}
     try:
@@ -206,7 +190,7 @@ def test_vector_body_scalar_tail_and_thread_split(size, dtype, capability):
     x = (torch.randn(size, generator=torch.Generator().manual_seed(size), dtype=torch.float64)
          * 6).to(dtype)
     for name in ("mish", "gelu", "softplus"):
-        params = params_for(name)
+        params = param_list(name)
         assert_close(ops.act_forward(x, name, params), expected(name, x, params))
         assert_close(ops.act_backward(x, x, name, params), expected(name, x, params, x))
 
@@ -315,7 +299,7 @@ def _require_cuda_kernels():
 def test_cuda_kernels_match_the_cpu_kernels(name, dtype):
     _require_cuda_kernels()
     x = grid(dtype, n_random=4000)
-    params = params_for(name)
+    params = param_list(name)
     grad = torch.linspace(-2, 2, x.numel(), dtype=torch.float64).to(dtype)
     assert_close(ops.act_forward(x.cuda(), name, params).cpu(), expected(name, x, params))
     got = ops.act_backward(grad.cuda(), x.cuda(), name, params).cpu()

@@ -7,24 +7,25 @@ tests/test_activations.py; this file covers what only the Triton backend has.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="the triton backend needs `pip install triton`")
 
-from mishkit import ACTIVATIONS, backends, get_spec  # noqa: E402
+from mishkit import ACTIVATIONS, get_spec  # noqa: E402
+from mishkit.backends.triton import interpret_mode  # noqa: E402
 from mishkit.functional import activation  # noqa: E402
 
-INTERPRET = backends.interpret_mode()
+from .helpers import SPECIAL, TOLERANCE  # noqa: E402
+
+INTERPRET = interpret_mode()
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip(
         "no CUDA device: run with TRITON_INTERPRET=1 to interpret Triton on CPU",
         allow_module_level=True,
     )
 
-from mishkit import triton_kernels as tk  # noqa: E402
+from mishkit.backends.triton import act as tk  # noqa: E402
 
 pytestmark = [
     pytest.mark.triton,
@@ -34,9 +35,6 @@ pytestmark = [
 ]
 DEVICE = "cpu" if INTERPRET else "cuda"
 NAMES = sorted(ACTIVATIONS)
-SPECIALS = [0.0, -0.0, math.inf, -math.inf, math.nan, 1e4, -1e4, 1e-3, -1e-3, 0.49, -0.51,
-            -3.0, 3.0, -2.0, 2.0, 19.9, 20.1, -20.0, -30.0, 88.0, -88.0, 1e20, -1e20]
-TINY = {torch.float32: 1e-40, torch.float64: 1e-310}  # subnormals
 
 
 def defaults(name: str) -> list[float]:
@@ -61,7 +59,7 @@ def assert_matches(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: flo
 
 def test_kernel_table_covers_exactly_the_registry():
     assert tk.kernel_names() == NAMES
-    from mishkit.triton_math import ACTIVATION_IDS
+    from mishkit.backends.triton.math import ACTIVATION_IDS
 
     assert sorted(ACTIVATION_IDS.values()) == list(range(len(NAMES)))
 
@@ -117,19 +115,10 @@ def test_compiled_graph_keeps_the_ops_and_their_autograd():
 
 # -- values ---------------------------------------------------------------------------------------
 
-TOLERANCE = {  # (rtol, atol) against the float64 reference rounded to the dtype
-    torch.float64: (1e-12, 1e-14),
-    torch.float32: (4e-6, 1e-6),
-    torch.float16: (2e-3, 1e-3),
-    torch.bfloat16: (1.6e-2, 1e-2),
-}
-
-
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
 @pytest.mark.parametrize("name", NAMES)
 def test_special_values_forward_and_backward(name, dtype):
-    values = [*SPECIALS, TINY.get(dtype, 0.0), -TINY.get(dtype, 0.0)]
-    x = torch.tensor(values, dtype=torch.float64).to(dtype).to(DEVICE)
+    x = torch.tensor(SPECIAL, dtype=torch.float64).to(dtype).to(DEVICE)
     grad_out = torch.linspace(-2, 2, x.numel(), dtype=dtype, device=DEVICE)
     rtol, atol = TOLERANCE[dtype]
     params = defaults(name)

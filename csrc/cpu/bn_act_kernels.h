@@ -1,4 +1,4 @@
-// CPU kernels of the fused BatchNorm + activation ops (contract: mishkit/bn_act_ops.py).
+// CPU kernels of the fused BatchNorm + activation ops (contract: mishkit/batchnorm/functional.py).
 //
 // bn_act_kernels_impl.h is compiled once per instruction set, like the activation kernels
 // (cpu/act_kernels.h): baseline, AVX2 + FMA and AVX-512; bn_act_kernels() follows the activation
@@ -6,7 +6,7 @@
 //
 // Every kernel takes a dense x: NCHW-contiguous, or channels_last (indexed directly, no copies),
 // and (C,) per-channel vectors in the compute dtype (float32 for half inputs, float64 for double).
-// Outputs are preallocated by the caller (bn_act.cpp) with x's layout.
+// Outputs are preallocated by the caller (cpu/bn_act_cpu.cpp) with x's layout.
 #pragma once
 
 #include <ATen/core/Tensor.h>

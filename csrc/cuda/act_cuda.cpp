@@ -1,4 +1,4 @@
-// CUDA implementations of the mishkit activation ops (schemas in ops.cpp): checks, device guard,
+// CUDA implementations of the mishkit activation ops (schemas in library.cpp): checks, device guard,
 // layouts and launches on the current stream, with every launch's error checked.
 //
 // Layout: a non-overlapping, dense tensor (contiguous, channels_last, any permutation) is one
@@ -13,8 +13,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "cuda/act_launch.h"
-#include "ops.h"
 
 namespace mishkit {
 namespace {
@@ -38,15 +38,11 @@ at::Tensor dense(const at::Tensor& t) {
   return t.is_non_overlapping_and_dense() ? t : t.contiguous();
 }
 
-void check_cuda(const char* op, const at::Tensor& t, c10::string_view name) {
-  TORCH_CHECK(t.is_cuda(), op, "(", name, "): expected a CUDA tensor, got one on ", t.device());
-}
-
 at::Tensor act_forward_cuda(const at::Tensor& x, c10::string_view name,
                             c10::ArrayRef<double> params) {
   constexpr const char* op = "mishkit::act_forward";
   const ActCall call = check_forward_args(op, x, name, params);
-  check_cuda(op, x, name);
+  check_cuda_tensor(x, op, "(", name, ")");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xd = dense(x);
   at::Tensor y = at::empty_like(xd);  // dense input: same strides
@@ -60,7 +56,7 @@ at::Tensor& act_forward_inplace_cuda(at::Tensor& x, c10::string_view name,
                                      c10::ArrayRef<double> params) {
   constexpr const char* op = "mishkit::act_forward_";
   const ActCall call = check_forward_args(op, x, name, params);
-  check_cuda(op, x, name);
+  check_cuda_tensor(x, op, "(", name, ")");
   at::assert_no_internal_overlap(x);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor xd = dense(x);
@@ -75,7 +71,7 @@ at::Tensor act_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                              c10::string_view name, c10::ArrayRef<double> params) {
   constexpr const char* op = "mishkit::act_backward";
   const ActCall call = check_backward_args(op, grad_out, x, name, params);  // same device
-  check_cuda(op, x, name);
+  check_cuda_tensor(x, op, "(", name, ")");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xd = dense(x);
   at::Tensor g = grad_out;

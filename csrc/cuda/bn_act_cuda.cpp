@@ -1,6 +1,6 @@
-// Torch glue of the fused BatchNorm + activation CUDA kernels: argument checks (shared with the
-// CPU ops, cpu/bn_act_checks.h), allocation, device guard, current stream, registration.
-// Built only with CUDA (setup.py); the schemas are defined in bn_act.cpp.
+// Torch glue of the fused BatchNorm + activation CUDA kernels: argument checks (checks.h, shared
+// with the CPU ops), allocation, device guard, current stream, registration.
+// Built only with CUDA (setup.py); the schemas are defined in library.cpp.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -11,7 +11,7 @@
 
 #include <tuple>
 
-#include "cpu/bn_act_checks.h"
+#include "checks.h"
 #include "cuda/bn_act_launch.h"
 
 namespace mishkit {
@@ -47,8 +47,8 @@ void check_launch(const char* op, cudaError_t error) {
 }
 
 void check_cuda(const char* op, const at::Tensor& x) {
-  bn_act::check_input(op, x);
-  TORCH_CHECK(x.is_cuda(), op, ": expected a CUDA tensor, got one on ", x.device());
+  check_bn_input(op, x);
+  check_cuda_tensor(x, op);
 }
 
 std::tuple<at::Tensor, at::Tensor> stats_cuda(const at::Tensor& x) {
@@ -68,8 +68,8 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& mean, const at::T
                         c10::ArrayRef<double> params) {
   constexpr const char* op = "mishkit::bn_act_forward";
   check_cuda(op, x);
-  bn_act::check_channel_vectors(op, x, {&mean, &scale, &shift});
-  const ActCall call = bn_act::resolve_activation(op, x, name, params);
+  check_channel_vectors(op, x, {&mean, &scale, &shift});
+  const ActCall call = check_forward_args(op, x, name, params);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x);
   check_launch(op, cuda::launch_bn_act_forward(
@@ -86,9 +86,9 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(
     c10::ArrayRef<double> params) {
   constexpr const char* op = "mishkit::bn_act_backward_reduce";
   check_cuda(op, x);
-  bn_act::check_grad(op, grad_out, x);
-  bn_act::check_channel_vectors(op, x, {&mean, &scale, &shift});
-  const ActCall call = bn_act::resolve_activation(op, x, name, params);
+  check_bn_grad(op, grad_out, x);
+  check_channel_vectors(op, x, {&mean, &scale, &shift});
+  const ActCall call = check_forward_args(op, x, name, params);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor sum_dz = channel_vector(x), sum_dz_xmu = channel_vector(x);
   at::Tensor workspace = workspace_for(x);
@@ -107,9 +107,9 @@ at::Tensor backward_elemt_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                                c10::ArrayRef<double> params) {
   constexpr const char* op = "mishkit::bn_act_backward_elemt";
   check_cuda(op, x);
-  bn_act::check_grad(op, grad_out, x);
-  bn_act::check_channel_vectors(op, x, {&mean, &scale, &shift, &coef_xmu, &coef_const});
-  const ActCall call = bn_act::resolve_activation(op, x, name, params);
+  check_bn_grad(op, grad_out, x);
+  check_channel_vectors(op, x, {&mean, &scale, &shift, &coef_xmu, &coef_const});
+  const ActCall call = check_forward_args(op, x, name, params);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor grad_x = at::empty_like(x);
   check_launch(op, cuda::launch_bn_act_backward_elemt(

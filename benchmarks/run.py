@@ -1,4 +1,4 @@
-"""``python -m mishkit bench``: kernel, fused BatchNorm+activation and network benchmarks.
+"""``python -m benchmarks``: kernel, fused BatchNorm+activation and network benchmarks.
 
 Presets pick the grid (``--smoke`` for CI, ``cpu`` and ``gpu`` for full runs); any option given
 on the command line overrides the preset's value. Results land in ``--out`` (default
@@ -18,8 +18,13 @@ from pathlib import Path
 
 import torch
 
-from . import backends
-from .registry import ACTIVATIONS
+from mishkit import backends
+from mishkit.registry import ACTIVATIONS
+
+from . import figures, report, summary
+from .kernel import MODES, KernelGrid, run_kernel_grid
+from .layers import NetworkConfig, run_bn_act, run_network
+from .timing import TimingConfig
 
 ALL = tuple(ACTIVATIONS)
 SEGMENTATION, STACK = "resnet50dilated+ppm_deepsup", "conv-bn-act stack"  # layers.NETWORKS keys
@@ -97,12 +102,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds for the kernel grid; cases left over are recorded skipped")
 
 
-def run(args: argparse.Namespace) -> int:
-    from .benchmarking import figures, report, summary
-    from .benchmarking.kernel import MODES, KernelGrid, run_kernel_grid
-    from .benchmarking.layers import NetworkConfig, run_bn_act, run_network
-    from .benchmarking.timing import TimingConfig
+def main(argv: list[str] | None = None) -> int:
+    description = __doc__.splitlines()[0]
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=description)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
+
+def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda asked for, but torch sees no CUDA device")

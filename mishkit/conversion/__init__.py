@@ -2,7 +2,7 @@
 
 Module-level conversion replaces activation children through their parent (keeping hooks and the
 train/eval flag; activations hold no tensors, so device and dtype are untouched). ``functional``
-and ``fuse_bn`` also rewrite forward code with torch.fx (see :mod:`mishkit.fx_rewrite`); every
+and ``fuse_bn`` also rewrite forward code with torch.fx (see :mod:`.fx`); every
 graph is traced before any is changed, so an untraceable module leaves no half-rewritten model.
 """
 
@@ -17,20 +17,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import fx_rewrite
-from .backends import BACKENDS
-from .nn import Activation, from_torch, get_activation, to_torch
-from .registry import get_spec
+from .. import backends
+from ..batchnorm import BatchNormAct2d, SyncBatchNormAct2d
+from ..batchnorm.modules import HOOK_DICTS
+from ..nn import Activation, from_torch, get_activation, to_torch
+from ..registry import get_spec
+from . import fx
+from .fx import UntraceableModuleError
 
 DEFAULT_REPLACE: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ELU, nn.Hardswish, nn.Mish, Activation,
 )  # fmt: skip
 NATIVE = "native"
-_HOOK_DICTS = (
-    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-    "_backward_pre_hooks",
-)  # fmt: skip
+__all__ = ["DEFAULT_REPLACE", "ConversionReport", "UntraceableModuleError", "convert"]
 
 
 @dataclass
@@ -107,9 +106,7 @@ def _validate(model, replace, backend) -> tuple[type, ...]:
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
-    if backend not in ("auto", *BACKENDS):
-        choices = ", ".join(("auto", *BACKENDS))
-        raise ValueError(f"convert: unknown backend {backend!r}; choose one of {choices}")
+    backends.check_backend_name(backend, "convert")
     replace = tuple(replace) if isinstance(replace, Iterable) else (replace,)
     for cls in replace:
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
@@ -126,7 +123,7 @@ def _children(model: nn.Module):
 
 
 def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
-    for attr in _HOOK_DICTS:
+    for attr in HOOK_DICTS:
         if hasattr(old, attr):
             setattr(new, attr, getattr(old, attr))  # shared: existing handles still remove
     new.train(old.training)
@@ -134,7 +131,7 @@ def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return any(getattr(module, attr, None) for attr in _HOOK_DICTS)
+    return any(getattr(module, attr, None) for attr in HOOK_DICTS)
 
 
 def convert(model: nn.Module, activation, *, replace=DEFAULT_REPLACE, include=None, exclude=None,
@@ -174,9 +171,8 @@ def convert(model: nn.Module, activation, *, replace=DEFAULT_REPLACE, include=No
 
 def _retarget_fused(model, name, bound, backend, scope, result) -> None:
     """A fused BN+act is one of mishkit's own activation modules: give it the new activation."""
-    fused_type = _bn_act().BatchNormAct2d
     for path, module in model.named_modules():
-        if not isinstance(module, fused_type) or not scope(path):
+        if not isinstance(module, BatchNormAct2d) or not scope(path):
             continue
         if (module.activation, module.activation_params, module.backend) == (name, bound, backend):
             continue
@@ -211,11 +207,11 @@ def _swap_modules(model, replace, name, bound, backend, scope, result) -> None:
 def _rewrite_graphs(model, replace, name, bound, backend, scope, result, functional, fuse_bn):
     graphs = {}
     for path, module in model.named_modules():
-        if not scope(path) or not fx_rewrite.traceable_kind(module):
+        if not scope(path) or not fx.traceable_kind(module):
             continue
         try:
-            graphs[path] = (module, fx_rewrite.module_graph(module, path))
-        except fx_rewrite.UntraceableModuleError as exc:
+            graphs[path] = (module, fx.module_graph(module, path))
+        except fx.UntraceableModuleError as exc:
             if functional:  # nothing has been rewritten yet: fail whole
                 raise
             result.skipped.append((path, f"BN fusion needs torch.fx: {exc}"))
@@ -224,7 +220,7 @@ def _rewrite_graphs(model, replace, name, bound, backend, scope, result, functio
     for path, (module, graph) in graphs.items():
         changed = False
         if functional:
-            done, skipped = fx_rewrite.rewrite_functional(graph, module, replace, name, bound,
+            done, skipped = fx.rewrite_functional(graph, module, replace, name, bound,
                                                           backend)
             for described, _ in done:
                 result.replaced.append((f"{path}:{described}", described.split()[1],
@@ -233,21 +229,15 @@ def _rewrite_graphs(model, replace, name, bound, backend, scope, result, functio
             changed = bool(done)
         if fuse_bn and not isinstance(module, nn.Sequential):
             fuser = _Fuser(module, path, backend, result)
-            done, skipped = fx_rewrite.fuse_bn(module, graph, fuser, _fusable)
+            done, skipped = fx.fuse_bn(module, graph, fuser, _fusable)
             result.skipped += [(_join(path, t), reason) for t, reason in skipped]
             changed = changed or bool(done)
         if changed:
-            fx_rewrite.install(module, graph)
+            fx.install(module, graph)
 
 
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
-
-
-def _bn_act():
-    from . import bn_act
-
-    return bn_act
 
 
 def _fusable(module: nn.Module) -> bool:
@@ -255,10 +245,9 @@ def _fusable(module: nn.Module) -> bool:
 
 
 def _fused(bn: nn.Module, name: str, params: tuple, backend: str) -> nn.Module:
-    bn_act = _bn_act()
     if type(bn) is nn.SyncBatchNorm:
-        return bn_act.SyncBatchNormAct2d.from_sync_batchnorm(bn, name, params, backend)
-    return bn_act.BatchNormAct2d.from_batchnorm(bn, name, params, backend)
+        return SyncBatchNormAct2d.from_sync_batchnorm(bn, name, params, backend)
+    return BatchNormAct2d.from_batchnorm(bn, name, params, backend)
 
 
 class _Fuser:
@@ -324,13 +313,13 @@ def _native_functional(model, scope, result) -> None:
     """mishkit functional calls in rewritten forwards -> the equivalent torch function calls."""
     for path, module in model.named_modules():
         installed = module.__dict__.get("forward")
-        if not isinstance(installed, fx_rewrite.RewrittenForward) or not scope(path):
+        if not isinstance(installed, fx.RewrittenForward) or not scope(path):
             continue
-        graph, changed = fx_rewrite.module_graph(module, path), False
-        for node in fx_rewrite.mishkit_activation_calls(graph):
-            where = f"{path}:{fx_rewrite.describe(node)}"
+        graph, changed = fx.module_graph(module, path), False
+        for node in fx.mishkit_activation_calls(graph):
+            where = f"{path}:{fx.describe(node)}"
             try:
-                make = fx_rewrite.native_call(*fx_rewrite.call_activation(node, module))
+                make = fx.native_call(*fx.call_activation(node, module))
             except ValueError as exc:
                 result.skipped.append((where, str(exc)))
                 continue
@@ -342,14 +331,13 @@ def _native_functional(model, scope, result) -> None:
             result.replaced.append((where, "mishkit.functional.activation",
                                     f"torch.nn.functional.{new.target.__name__}", "functional"))
         if changed:
-            fx_rewrite.install(module, graph)
+            fx.install(module, graph)
 
 
 def _unfuse(model, scope, result) -> None:
     """BatchNormAct2d -> BatchNorm2d plus a torch activation after it."""
-    fused_type = _bn_act().BatchNormAct2d
     for path, parent, slot, child in list(_children(model)):
-        if not isinstance(child, fused_type) or not scope(path):
+        if not isinstance(child, BatchNormAct2d) or not scope(path):
             continue
         name, params = child.activation, child.activation_params
         try:
@@ -364,13 +352,13 @@ def _unfuse(model, scope, result) -> None:
             parent._modules[slot], parent._modules[after] = bn, to_torch(name, params)
         else:
             try:
-                graph = fx_rewrite.module_graph(parent, path.rpartition(".")[0])
-            except fx_rewrite.UntraceableModuleError as exc:
+                graph = fx.module_graph(parent, path.rpartition(".")[0])
+            except fx.UntraceableModuleError as exc:
                 result.skipped.append((path, f"cannot place the activation after it: {exc}"))
                 continue
             setattr(parent, slot, bn)
             for node in [n for n in graph.nodes if n.op == "call_module" and n.target == slot]:
-                fx_rewrite.unfuse_call(graph, node, fx_rewrite.native_call(name, params))
-            fx_rewrite.install(parent, graph)
+                fx.unfuse_call(graph, node, fx.native_call(name, params))
+            fx.install(parent, graph)
         result.replaced.append((path, type(child).__name__, f"{type(bn).__name__} + {name}",
                                 "fused_bn"))

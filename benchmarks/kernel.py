@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..registry import get_spec
+from mishkit.registry import get_spec
+
 from . import contenders as contenders_mod
 from .probes import peak_memory_bytes, saved_bytes
 from .timing import Timing, TimingConfig, cycling, measure, rotation_count

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import backends, functional
-from ..registry import ActivationSpec
+from mishkit import backends, functional
+from mishkit.registry import ActivationSpec
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__, backends
+from mishkit import __version__, backends
 
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.md"

@@ -1,4 +1,4 @@
-"""Triton kernels for fused BatchNorm + activation (see :mod:`mishkit.bn_act_ops` for the contract).
+"""Triton kernels for fused BatchNorm + activation (the contract: :mod:`mishkit.batchnorm`).
 
 Registered as ``torch.ops.mishkit.triton_bn_act_{stats,forward,backward_reduce,backward_elemt}``.
 ``x`` is ``(N, C, *)`` and dense: NCHW-contiguous or channels_last, indexed directly (no copies).
@@ -11,7 +11,7 @@ Element ``(n, c, s)`` of the flattened spatial index ``s`` lives at
 * Elementwise passes (forward, input gradient) run over the flat storage; the channel of flat
   index ``i`` is ``(i // stride_c) % C``.
 
-Activation formulas come from :mod:`mishkit.triton_math`. Runs on CUDA, or on CPU tensors with
+Activation formulas come from :mod:`.math`. Runs on CUDA, or on CPU tensors with
 ``TRITON_INTERPRET=1`` set before triton is imported.
 """
 
@@ -22,13 +22,13 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import backends
-from .bn_act_ops import BnActKernels, compute_dtype
-from .triton_math import ACTIVATION_IDS, derivative_math, forward_math
+from ..._checks import BnActKernels, compute_dtype
+from . import interpret_mode
+from .math import ACTIVATION_IDS, derivative_math, forward_math
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 # The CPU interpreter runs each program in numpy: small tiles keep the tiny test tensors fast.
-_INTERPRET = backends.interpret_mode()
+_INTERPRET = interpret_mode()
 ELEMENTWISE_BLOCK = 64 if _INTERPRET else 1024
 
 

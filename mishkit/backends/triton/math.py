@@ -157,7 +157,7 @@ def _clamp(v, high):
 
 @triton.jit
 def hardswish_forward(x, p0, p1):
-    return _neg_inf_limit(x, x * _clamp(x + 3.0, 6.0) / 6.0, 0.0)
+    return _neg_inf_limit(x, x * (_clamp(x + 3.0, 6.0) / 6.0), 0.0)  # no x * 6 overflow
 
 
 @triton.jit
@@ -168,7 +168,7 @@ def hardswish_derivative(x, p0, p1):
 
 @triton.jit
 def hardmish_forward(x, p0, p1):
-    return _neg_inf_limit(x, x * _clamp(x + 2.0, 2.0) / 2.0, 0.0)
+    return _neg_inf_limit(x, x * (_clamp(x + 2.0, 2.0) / 2.0), 0.0)  # no x * 2 overflow
 
 
 @triton.jit

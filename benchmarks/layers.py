@@ -11,6 +11,12 @@ from dataclasses import dataclass, fields, is_dataclass
 import torch
 from torch import nn
 
+from mishkit import functional
+from mishkit.memory import conv_bn_act_stack, mish_variants
+from mishkit.nn import BatchNormAct2d
+from mishkit.registry import get_spec
+from segmentation.models import build_model
+
 from .probes import peak_memory_bytes, saved_bytes
 from .timing import TimingConfig, cycling, measure, rotation_count
 
@@ -35,8 +41,6 @@ class Elementwise(nn.Module):
 
 
 def _bn_then(activation: str, kind: str) -> Callable[[int], nn.Module]:
-    from ..registry import get_spec
-
     spec = get_spec(activation)
 
     def build(channels: int) -> nn.Module:
@@ -45,8 +49,6 @@ def _bn_then(activation: str, kind: str) -> Callable[[int], nn.Module]:
                 raise RuntimeError(f"torch has no native {activation} op")
             act = Elementwise(spec.native, f"F.{activation}")
         else:
-            from .. import functional
-
             act = Elementwise(lambda x: functional.activation(x, activation),
                               f"mishkit.{activation}")
         return nn.Sequential(nn.BatchNorm2d(channels), act)
@@ -56,8 +58,6 @@ def _bn_then(activation: str, kind: str) -> Callable[[int], nn.Module]:
 
 def _fused(activation: str) -> Callable[[int], nn.Module]:
     def build(channels: int) -> nn.Module:
-        from ..nn import BatchNormAct2d  # ImportError until the fused layer exists
-
         return BatchNormAct2d(channels, activation=activation)
 
     return build
@@ -124,14 +124,10 @@ def _bn_act_row(variant, build, shape, dtype, device, timing) -> dict:
 
 
 def _segmentation_network() -> nn.Module:
-    from segmentation.models import build_model
-
     return build_model("resnet50dilated", "ppm_deepsup")
 
 
 def _stack_network() -> nn.Module:
-    from ..memory import conv_bn_act_stack
-
     return conv_bn_act_stack(lambda: nn.ReLU(inplace=True))
 
 
@@ -146,7 +142,7 @@ def build_network(name: str) -> tuple[nn.Module, str]:
     """The named network; the segmentation model falls back to the stack (saying why)."""
     try:
         return NETWORKS[name](), name
-    except Exception as exc:  # not written yet, or broken: the results say so
+    except Exception as exc:  # a broken model must not stop the run: the results say so
         if name == "conv-bn-act stack":
             raise
         return _stack_network(), f"conv-bn-act stack ({name} unavailable: {type(exc).__name__})"
@@ -154,8 +150,6 @@ def build_network(name: str) -> tuple[nn.Module, str]:
 
 def network_variants() -> dict[str, Callable[[nn.Module], nn.Module]]:
     """The memory table's five variants, from mishkit.memory (one definition of them)."""
-    from ..memory import mish_variants
-
     return mish_variants()
 
 

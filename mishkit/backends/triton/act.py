@@ -19,11 +19,13 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensor
 
-from . import backends, ops
-from .registry import get_spec
-from .triton_math import ACTIVATION_IDS, derivative_math, forward_math
+from ..._checks import ActKernels, check_input, is_dense, same_layout
+from ...registry import get_spec
+from ..autograd import register_op_autograd
+from . import interpret_mode
+from .math import ACTIVATION_IDS, derivative_math, forward_math
 
-INTERPRET = backends.interpret_mode()
+INTERPRET = interpret_mode()
 INTERPRET_BLOCK = 1024  # few interpreted programs, small numpy arrays
 _FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)
 
@@ -141,7 +143,7 @@ def _grid(n: int):
 def _resolve(op: str, x, name: str, params) -> tuple[int, list[float]]:
     """Validate x/name/params; return the activation id and the split (hi, lo) parameters."""
     spec = get_spec(name)
-    ops.check_input(x, spec.name)
+    check_input(x, spec.name)
     device = x.device
     if not (device.type == "cuda" or (device.type == "cpu" and INTERPRET)):
         raise RuntimeError(
@@ -168,23 +170,8 @@ def _split_params(params) -> list[float]:
     return split
 
 
-def _is_dense(t: torch.Tensor) -> bool:
-    """Elements fill one gap-free block of storage (any dim order): processable as flat memory."""
-    expected = 1
-    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _dense(t: torch.Tensor) -> torch.Tensor:
-    return t if _is_dense(t) else t.contiguous()
-
-
-def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    # strides of size-1 dims never matter
-    return all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+    return t if is_dense(t) else t.contiguous()
 
 
 def _launch(kernel, tensors: tuple, act: int, params) -> None:
@@ -230,7 +217,7 @@ def _triton_act_backward(
             f"shape {tuple(x.shape)}"
         )
     x = _dense(x)
-    if grad_out.dtype != x.dtype or not _same_layout(grad_out, x):
+    if grad_out.dtype != x.dtype or not same_layout(grad_out, x):
         grad_out = torch.empty_like(x).copy_(grad_out)  # x's dtype and strides: one flat map
     grad_in = torch.empty_like(x)
     _launch(_BACKWARD, (grad_out, x, grad_in), act, split)
@@ -245,7 +232,7 @@ _LIB.define("triton_act_forward_(Tensor(a!) x, str name, float[] params) -> Tens
 
 def _triton_act_forward_(x: torch.Tensor, name: str, params: list[float]) -> torch.Tensor:
     act, split = _resolve("triton_act_forward_", x, name, params)
-    if _is_dense(x):
+    if is_dense(x):
         _launch(_FORWARD_INPLACE, (x, x), act, split)
     else:
         x.copy_(_triton_act_forward(x, name, params))
@@ -274,7 +261,9 @@ def forward_(x: torch.Tensor, name: str, params: list[float]) -> torch.Tensor:
     return forward_inplace_op(x, name, params)
 
 
-ops.register_op_autograd("mishkit::triton_act_forward", "mishkit::triton_act_backward", backward)
+register_op_autograd("mishkit::triton_act_forward", "mishkit::triton_act_backward", backward)
+
+KERNELS = ActKernels(forward, forward_, backward)
 
 
 def kernel_names() -> list[str]:

@@ -9,23 +9,22 @@ and then runs plain BatchNorm's backward from ``g'`` (``grad_residual = g'``).
 
 "Plain BatchNorm" is the backend's fused BN+act kernels with the identity activation, spelled
 ``leaky_relu`` with slope 1 (whose derivative is exactly 1): the statistics, the cross-process
-reduction and the gradient formulas stay the ones of :mod:`mishkit.bn_act_ops`.
+reduction and the gradient formulas stay the ones of :mod:`.autograd`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import ops
-from .bn_act_ops import (
+from .. import backends, ops
+from .._checks import dense_format
+from ..registry import get_spec
+from .autograd import (
     batch_norm_act_gradients,
-    dense_format,
-    kernels_for,
     normalization,
     parameter_dtypes,
     reject_double_backward,
 )
-from .registry import get_spec
 
 # leaky_relu(z, 1) == z with derivative exactly 1: the BN+act kernels then compute plain BN.
 IDENTITY = ("leaky_relu", [1.0])
@@ -58,7 +57,7 @@ class BatchNormAddActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, running_mean, running_var, use_batch_stats,
                 momentum, eps, name, params, backend, process_group):
-        kernels = kernels_for(backend)
+        kernels = backends.kernels(backend).bn_act
         mean, invstd, scale, shift, count = normalization(
             kernels, x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps,
             process_group)
@@ -76,7 +75,7 @@ class BatchNormAddActFunction(torch.autograd.Function):
         use_batch_stats, count, name, params, backend, group = ctx.setup
         need_x, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
         with torch.no_grad():
-            z = _pre_activation(kernels_for(backend), x, residual, mean, scale, shift)
+            z = _pre_activation(backends.kernels(backend).bn_act, x, residual, mean, scale, shift)
             grad_out = grad_out.contiguous(memory_format=dense_format(z))
             grad_z = ops.backward(grad_out, z, name, params, backend)
             del z

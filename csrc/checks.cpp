@@ -1,0 +1,89 @@
+// Definitions of the argument checks declared in checks.h.
+#include "checks.h"
+
+#include <cmath>
+#include <string>
+
+namespace mishkit {
+namespace {
+
+std::string join_names() {
+  std::string out;
+  for (const char* name : act::kActivationNames) {
+    if (!out.empty()) out += ", ";
+    out += name;
+  }
+  return out;
+}
+
+}  // namespace
+
+ActCall check_forward_args(const char* op, const at::Tensor& x, c10::string_view name,
+                           c10::ArrayRef<double> params) {
+  const int index = act::find_activation(name.data(), static_cast<int64_t>(name.size()));
+  TORCH_CHECK_VALUE(index >= 0, op, ": unknown activation '", name,
+                    "' (canonical names only); valid names: ", join_names());
+  check_float_tensor(x, "x", op, "(", name, ")");
+  const int expected = act::kActivationNumParams[index];
+  const std::string param_names = act::kActivationParamNames[index];
+  TORCH_CHECK_VALUE(static_cast<int>(params.size()) == expected, op, "(", name, "): expected ",
+                    expected, " parameter(s)", param_names.empty() ? "" : " [",
+                    param_names, param_names.empty() ? "" : "]", ", got ", params.size());
+  ActCall call{static_cast<act::ActId>(index), {}};
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK_VALUE(std::isfinite(params[i]), op, "(", name, "): parameter ", i, " must be ",
+                      "finite, got ", params[i]);
+    call.params[i] = params[i];
+  }
+  return call;
+}
+
+ActCall check_backward_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
+                            c10::string_view name, c10::ArrayRef<double> params) {
+  ActCall call = check_forward_args(op, x, name, params);
+  check_float_tensor(grad_out, "grad_out", op, "(", name, ")");
+  TORCH_CHECK(grad_out.device() == x.device(), op, "(", name, "): grad_out is on ",
+              grad_out.device(), " but x is on ", x.device(), "; both must be on one device");
+  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), op, "(", name, "): grad_out has shape ",
+                    grad_out.sizes(), " but x has shape ", x.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), op, "(", name,
+                   "): grad_out has dtype ", grad_out.scalar_type(), " but x has dtype ",
+                   x.scalar_type(), "; they must match");
+  return call;
+}
+
+void check_bn_input(const char* op, const at::Tensor& x) {
+  check_float_tensor(x, "x", op);
+  TORCH_CHECK_VALUE(x.dim() >= 2, op, ": expected an (N, C, ...) tensor, got shape ", x.sizes());
+  const bool channels_last = x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK_VALUE(x.is_contiguous() || channels_last, op, ": x must be contiguous or ",
+                    "channels_last, got strides ", x.strides(), " for shape ", x.sizes());
+}
+
+void check_channel_vectors(const char* op, const at::Tensor& x,
+                           std::initializer_list<const at::Tensor*> vectors) {
+  const auto compute = compute_type(x);
+  for (const at::Tensor* v : vectors) {
+    TORCH_CHECK_VALUE(v->defined() && v->dim() == 1 && v->size(0) == x.size(1) &&
+                          v->is_contiguous(),
+                      op, ": per-channel vectors must be contiguous of shape (", x.size(1),
+                      ",), got ", v->defined() ? v->sizes() : c10::IntArrayRef{});
+    TORCH_CHECK_TYPE(v->scalar_type() == compute, op, ": per-channel vectors must be ", compute,
+                     " for ", x.scalar_type(), " input, got ", v->scalar_type());
+    TORCH_CHECK(v->device() == x.device(), op, ": per-channel vector on ", v->device(),
+                " but x on ", x.device());
+  }
+}
+
+void check_bn_grad(const char* op, const at::Tensor& grad_out, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(grad_out.defined() && grad_out.sizes() == x.sizes() &&
+                        grad_out.strides() == x.strides(),
+                    op, ": grad_out must have x's shape ", x.sizes(), " and strides ",
+                    x.strides());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out has dtype ",
+                   grad_out.scalar_type(), " but x has ", x.scalar_type());
+  TORCH_CHECK(grad_out.device() == x.device(), op, ": grad_out on ", grad_out.device(),
+              " but x on ", x.device());
+}
+
+}  // namespace mishkit

@@ -1,0 +1,72 @@
+// Every argument check of the mishkit ops, written once and shared by the CPU (cpu/*_cpu.cpp) and
+// CUDA (cuda/*_cuda.cpp) implementations. Errors name the op (e.g. "mishkit::act_forward"), the
+// activation where there is one, and the offending argument and value.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <array>
+#include <initializer_list>
+
+#include "activations.h"
+
+namespace mishkit {
+
+// A validated op call: which activation, and its parameters padded to act::kMaxParams.
+struct ActCall {
+  act::ActId id;
+  std::array<double, act::kMaxParams> params;
+};
+
+inline bool is_float_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+         dtype == at::kBFloat16;
+}
+
+// float64 computes in float64; float32 and the half types in float32.
+inline at::ScalarType compute_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// `t` is defined and of one of the four float dtypes. `where...` names the call in the message.
+template <typename... Where>
+void check_float_tensor(const at::Tensor& t, const char* arg, const Where&... where) {
+  TORCH_CHECK_VALUE(t.defined(), where..., ": ", arg, " is an undefined tensor");
+  TORCH_CHECK_TYPE(is_float_dtype(t.scalar_type()), where..., ": unsupported dtype ",
+                   t.scalar_type(), " for ", arg,
+                   "; expected float32, float64, float16 or bfloat16");
+}
+
+// `t` lives on a CUDA device (the CUDA implementations' own check; dispatch already routes by
+// the first tensor argument, this names a mismatched one).
+template <typename... Where>
+void check_cuda_tensor(const at::Tensor& t, const Where&... where) {
+  TORCH_CHECK(t.is_cuda(), where..., ": expected a CUDA tensor, got one on ", t.device());
+}
+
+// Activation ops ------------------------------------------------------------------------------
+
+// x: a float tensor; name: a canonical activation name; params: its parameter count, finite.
+ActCall check_forward_args(const char* op, const at::Tensor& x, c10::string_view name,
+                           c10::ArrayRef<double> params);
+
+// The forward checks on x, plus: grad_out a float tensor on x's device with x's shape and dtype.
+ActCall check_backward_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
+                            c10::string_view name, c10::ArrayRef<double> params);
+
+// Fused BatchNorm + activation ops ------------------------------------------------------------
+
+// x: a float (N, C, ...) tensor, dense (NCHW-contiguous or channels_last).
+void check_bn_input(const char* op, const at::Tensor& x);
+
+// Each vector: contiguous (C,), in x's compute dtype, on x's device.
+void check_channel_vectors(const char* op, const at::Tensor& x,
+                           std::initializer_list<const at::Tensor*> vectors);
+
+// grad_out: x's shape, dtype, device and strides (the kernels index both with one offset).
+void check_bn_grad(const char* op, const at::Tensor& grad_out, const at::Tensor& x);
+
+}  // namespace mishkit

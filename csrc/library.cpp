@@ -1,0 +1,54 @@
+// The mishkit op library: every schema, in this one TORCH_LIBRARY, and the Python module.
+//
+// Implementations register per device: cpu/act_cpu.cpp and cpu/bn_act_cpu.cpp (CPU),
+// cuda/act_cuda.cpp and cuda/bn_act_cuda.cpp (CUDA, built only with CUDA). Python registers the
+// fake kernels and the autograd formulas (mishkit/backends/extension.py). Per-channel vectors of
+// the BatchNorm + activation ops are (C,) in the compute dtype.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "activations.h"
+#include "cpu/act_kernels.h"
+
+#ifndef MISHKIT_WITH_CUDA
+#define MISHKIT_WITH_CUDA 0
+#endif
+#ifndef MISHKIT_VERSION_STRING  // setup.py passes mishkit.__version__
+#define MISHKIT_VERSION_STRING "unknown"
+#endif
+
+TORCH_LIBRARY(mishkit, m) {
+  // activations: y = f(x); in place; grad_in = grad_out * f'(x)
+  m.def("act_forward(Tensor x, str name, float[] params) -> Tensor");
+  m.def("act_forward_(Tensor(a!) x, str name, float[] params) -> Tensor(a!)");
+  m.def("act_backward(Tensor grad_out, Tensor x, str name, float[] params) -> Tensor");
+  // fused BatchNorm + activation (contract: mishkit/batchnorm/functional.py)
+  m.def("bn_act_stats(Tensor x) -> (Tensor, Tensor)");
+  m.def("bn_act_forward(Tensor x, Tensor mean, Tensor scale, Tensor shift, str name, "
+        "float[] params) -> Tensor");
+  m.def("bn_act_backward_reduce(Tensor grad_out, Tensor x, Tensor mean, Tensor scale, "
+        "Tensor shift, str name, float[] params) -> (Tensor, Tensor)");
+  m.def("bn_act_backward_elemt(Tensor grad_out, Tensor x, Tensor mean, Tensor scale, "
+        "Tensor shift, Tensor coef_xmu, Tensor coef_const, str name, float[] params) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mishkit C++/CUDA kernels; the ops are torch.ops.mishkit.*";
+  m.def("with_cuda", [] { return static_cast<bool>(MISHKIT_WITH_CUDA); },
+        "True when the CUDA kernels were compiled in.");
+  m.def("kernel_names", [] {
+        return std::vector<std::string>(std::begin(mishkit::act::kActivationNames),
+                                        std::end(mishkit::act::kActivationNames));
+      },
+      "Canonical names of the activations the kernels implement, in registry order.");
+  m.def("cpu_capability", &mishkit::cpu::cpu_capability,
+        "Instruction set of the CPU kernels in use: 'avx512', 'avx2' or 'default'.");
+  m.def("set_cpu_capability", &mishkit::cpu::set_cpu_capability, pybind11::arg("capability"),
+        "Switch the CPU kernels to 'default', 'avx2' or 'avx512' (tests, benchmarks).");
+  m.def("version", [] { return std::string(MISHKIT_VERSION_STRING); },
+        "mishkit version the extension was built from.");
+}

@@ -1,0 +1,56 @@
+"""Autograd for a compiled backend's activation op pair, shared by the extension and Triton.
+
+Forward saves only ``x``; backward is one call of the backend's fused backward op; double
+backward reuses that op for d/d(grad_out) and the registry's differentiable derivative formula
+for d/dx. Registered with ``torch.library.register_autograd`` so the ops stay real torch ops
+(opcheck, torch.compile) rather than Python autograd.Functions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import compute_dtype
+from ..registry import ActivationSpec, get_spec
+
+
+def second_derivative(spec: ActivationSpec, x: torch.Tensor, params) -> torch.Tensor:
+    """f''(x) by autograd through the registry's derivative formula (for double backward)."""
+    with torch.enable_grad():
+        xd = x.detach().to(compute_dtype(x.dtype)).requires_grad_(True)
+        d1 = spec.derivative(xd, **spec.kwargs(tuple(params)))
+        if not d1.requires_grad:  # piecewise-linear: f'' is 0 almost everywhere
+            return torch.zeros_like(x)
+        (d2,) = torch.autograd.grad(d1, xd, torch.ones_like(d1))
+    return d2.to(x.dtype)
+
+
+def register_op_autograd(forward_op: str, backward_op: str, backward_fn) -> None:
+    """Attach autograd to a backend's ``forward_op``/``backward_op`` pair (qualified names)."""
+
+    def setup_forward(ctx, inputs, output):
+        x, name, params = inputs
+        ctx.save_for_backward(x)
+        ctx.name, ctx.params = name, params
+
+    def forward_backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        return backward_fn(grad_out, x, ctx.name, ctx.params), None, None
+
+    def setup_backward(ctx, inputs, output):
+        grad_out, x, name, params = inputs
+        ctx.save_for_backward(grad_out, x)
+        ctx.name, ctx.params = name, params
+
+    def backward_backward(ctx, grad_grad):
+        grad_out, x = ctx.saved_tensors
+        spec = get_spec(ctx.name)
+        d_grad_out = d_x = None
+        if ctx.needs_input_grad[0]:
+            d_grad_out = backward_fn(grad_grad, x, ctx.name, ctx.params)
+        if ctx.needs_input_grad[1]:
+            d_x = grad_grad * grad_out * second_derivative(spec, x, ctx.params)
+        return d_grad_out, d_x, None, None
+
+    torch.library.register_autograd(forward_op, forward_backward, setup_context=setup_forward)
+    torch.library.register_autograd(backward_op, backward_backward, setup_context=setup_backward)

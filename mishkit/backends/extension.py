@@ -1,0 +1,107 @@
+"""The ``cpu`` and ``cuda`` backends: the compiled ``mishkit._C`` and its ops' Python side.
+
+``csrc/library.cpp`` defines every ``torch.ops.mishkit`` schema; the C++ registers the CPU and
+CUDA kernels. What only Python can register lives here, next to the ops it serves: fake (meta)
+kernels, so torch.compile and opcheck can trace the ops without running them, and the activation
+autograd formula. Loading never makes ``import mishkit`` fail: a missing or broken build gives one
+warning and the reason, and the other backends stay usable.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+
+import torch
+
+from .._checks import ActKernels, BnActKernels, KernelSet, compute_dtype
+from .autograd import register_op_autograd
+
+
+def _load():
+    if os.environ.get("MISHKIT_DISABLE_EXT") == "1":
+        return None, "disabled by MISHKIT_DISABLE_EXT=1"
+    try:
+        module = importlib.import_module("mishkit._C")
+    except ModuleNotFoundError as exc:
+        if exc.name != "mishkit._C":
+            reason = f"mishkit._C failed to load: {exc}"
+        else:
+            reason = (
+                "mishkit._C is not built (installed with MISHKIT_NO_EXT=1, or not rebuilt "
+                "after a clean); reinstall with `pip install --no-build-isolation -e .`"
+            )
+    except (ImportError, OSError) as exc:
+        reason = f"mishkit._C failed to load (ABI mismatch with torch {torch.__version__}?): {exc}"
+    else:
+        return module, None
+    warnings.warn(
+        f"mishkit: C++/CUDA kernels unavailable: {reason}. Falling back to Triton (GPU) or the "
+        "pure-torch reference (CPU).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return None, reason
+
+
+# Loaded once at import, as a plain module attribute: torch.compile traces lookups as constants.
+MODULE, REASON = _load()
+
+
+def _register_activation_ops() -> None:
+    @torch.library.register_fake("mishkit::act_forward")
+    def _(x, name, params):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("mishkit::act_forward_")
+    def _(x, name, params):
+        return x
+
+    @torch.library.register_fake("mishkit::act_backward")
+    def _(grad_out, x, name, params):
+        torch._check(grad_out.shape == x.shape, lambda: "grad_out and x must have one shape")
+        return torch.empty_like(x)
+
+    register_op_autograd(
+        "mishkit::act_forward", "mishkit::act_backward", torch.ops.mishkit.act_backward
+    )
+
+
+def register_bn_act_fakes(prefix: str) -> None:
+    """Fake kernels for one backend's four BN+act ops, named ``prefix + "stats"`` etc."""
+
+    def channel_vector(x):
+        return x.new_empty(x.shape[1], dtype=compute_dtype(x.dtype))
+
+    @torch.library.register_fake(prefix + "stats")
+    def _(x):
+        return channel_vector(x), channel_vector(x)
+
+    @torch.library.register_fake(prefix + "forward")
+    def _(x, mean, scale, shift, name, params):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake(prefix + "backward_reduce")
+    def _(grad_out, x, mean, scale, shift, name, params):
+        return channel_vector(x), channel_vector(x)
+
+    @torch.library.register_fake(prefix + "backward_elemt")
+    def _(grad_out, x, mean, scale, shift, coef_xmu, coef_const, name, params):
+        return torch.empty_like(x)
+
+
+def _kernel_set() -> KernelSet:
+    ops = torch.ops.mishkit
+    return KernelSet(
+        ActKernels(ops.act_forward, ops.act_forward_, ops.act_backward),
+        BnActKernels(ops.bn_act_stats, ops.bn_act_forward, ops.bn_act_backward_reduce,
+                     ops.bn_act_backward_elemt),
+    )
+
+
+KERNELS: KernelSet | None = None
+if MODULE is not None:
+    _register_activation_ops()
+    register_bn_act_fakes("mishkit::bn_act_")
+    KERNELS = _kernel_set()

@@ -1,0 +1,58 @@
+"""What the tests share: tolerances, parameters, special input values and the saved-bytes probe."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mishkit.memory import saved_tensor_bytes
+from mishkit.registry import ACTIVATIONS
+
+# (rtol, atol) against the float64 reference: fp32 is the numerics contract; the half types allow
+# one rounding of the float64 result (torch's defaults).
+TOLERANCE = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6),
+             torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5)}
+DTYPES = list(TOLERANCE)
+
+# Non-default parameters, so parameter passing is exercised, not just defaults.
+PARAMS = {"softplus": {"beta": 2.0, "threshold": 5.0}, "leaky_relu": {"negative_slope": 0.2},
+          "elu": {"alpha": 0.7}}
+
+# Inputs where formulas are fragile: signed zeros, subnormals (float32 1e-40, float64 1e-310),
+# +-inf, nan, overflow thresholds of exp (88, 89, -104), saturation points (20, 30), kinks
+# (0, +-2, +-3, 2.5 = softplus threshold 5 / beta 2), the Mish minimum (-1.19) and huge values.
+SPECIAL = [0.0, -0.0, 1e-40, -1e-40, 1e-310, -1e-310, 1e-7, -1e-7, 1e-3, -1e-3, 0.49, -0.51,
+           0.5, -0.5, 1.0, -1.0, -1.19, 2.0, -2.0, 2.5, 2.9999, -2.9999, 3.0, -3.0, 5.0, -5.0,
+           10.5, -10.5, 15.0, -15.0, 19.9, 20.0, 20.1, -20.0, 20.5, 30.0, -30.0, 88.0, -88.0,
+           89.0, 100.0, -100.0, -104.0, 1e4, -1e4, 1e20, -1e20, 3e38, -3e38,
+           math.inf, -math.inf, math.nan]
+
+
+def param_list(name: str) -> list[float]:
+    """The kernels' ordered parameter list for ``name``, with the non-default test values."""
+    return list(ACTIVATIONS[name].bind((), PARAMS.get(name, {})))
+
+
+def reference(name: str, x: torch.Tensor, **params) -> torch.Tensor:
+    """The registry's float64 formula (params default to the activation's defaults)."""
+    spec = ACTIVATIONS[name]
+    return spec.reference(x.double(), **{**spec.params, **params})
+
+
+def reference_grad(name: str, x: torch.Tensor, grad: torch.Tensor, **params) -> torch.Tensor:
+    spec = ACTIVATIONS[name]
+    return grad.double() * spec.derivative(x.double(), **{**spec.params, **params})
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None):
+    """``actual`` within ``dtype``'s tolerance (default: ``expected``'s) of ``expected`` rounded
+    to ``dtype``; nan == nan."""
+    dtype = dtype or expected.dtype
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual, expected.to(dtype), rtol=rtol, atol=atol, equal_nan=True)
+
+
+def saved_bytes(fn, *inputs) -> int:
+    """Activation bytes ``fn(*inputs)`` saves for backward (mishkit.memory's one definition)."""
+    return saved_tensor_bytes(fn, *inputs).total
