@@ -185,7 +185,8 @@ def _cpu_activation_targets(records: list[dict], ours: str) -> list[Target]:
                 targets.append(Target(f"CPU {name} {label} {dtype} 2^22 no slower than native",
                                       "kernel", {**at, "dtype": dtype, "mode": mode},
                                       "speedup.native", ">=", 1.0))
-    return [t for t in targets if t.label not in {c.label for c in CPU_TARGETS}]
+    fixed = {c.label.lower() for c in CPU_TARGETS}
+    return [t for t in targets if t.label.lower() not in fixed]
 
 
 def evaluate_targets(records: list[dict], device_type: str, ours: str) -> list[dict]:
