@@ -13,7 +13,6 @@ import torch
 from . import backends
 from .registry import ACTIVATIONS
 
-
 # What each CPU build of mishkit._C needs, as csrc/cpu/act_dispatch.cpp checks it (Linux flag
 # names, from /proc/cpuinfo), widest last. With no override the kernels run the widest build the
 # CPU supports: on every CPU measured (benchmarks/results/cpu-*/) it is the fastest.
