@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mishkit import __version__, backends
+from mishkit import __version__, backends, info
 
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.md"
@@ -70,8 +70,15 @@ def metadata(device: torch.device, argv: list[str]) -> dict:
         "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "load_average_start": list(os.getloadavg()), "backends": backends.backend_status(),
-        "argv": argv,
+        "argv": argv, **cpu_build(),
     }
+
+
+def cpu_build() -> dict:
+    """Which instruction-set build the CPU kernels run, and why (``mishkit info``'s words)."""
+    ext = info.collect()["extension"]
+    return {"cpu_capability": ext["cpu_capability"],
+            "cpu_capability_reason": ext["cpu_capability_reason"]}
 
 
 class ResultsWriter:
@@ -151,13 +158,43 @@ CPU_TARGETS = [
     Target("CPU Mish fwd+bwd fp32 2^22 no slower than native", "kernel",
            {"activation": "mish", "dtype": "fp32", "log2_numel": 22, "mode": "forward+backward"},
            "speedup.native", ">=", 1.0),
+    *(Target(f"CPU {name} forward fp32 2^22 ≥ 60% of copy bandwidth", "kernel",
+             {"activation": name, "dtype": "fp32", "log2_numel": 22, "mode": "forward"},
+             "copy_ratio", ">=", 0.60) for name in ("mish", "silu")),
 ]
+
+
+def _cpu_activation_targets(records: list[dict], ours: str) -> list[Target]:
+    """Per activation measured at 2^22: forward ≥ 30% of copy (fp32), and forward and
+    forward+backward no slower than torch's native op where one exists (each dtype measured)."""
+    rows = [r for r in records if r.get("record") == "kernel" and r.get("log2_numel") == 22
+            and r.get("contender") == ours]
+    names = list(dict.fromkeys(r["activation"] for r in rows))
+    natives = {(r["activation"], r["dtype"]) for r in records if r.get("record") == "kernel"
+               and r.get("contender") == "native" and r.get("status") == "ok"}
+    targets = []
+    for name in names:
+        at = {"activation": name, "log2_numel": 22}
+        targets.append(Target(f"CPU {name} forward fp32 2^22 ≥ 30% of copy bandwidth", "kernel",
+                              {**at, "dtype": "fp32", "mode": "forward"}, "copy_ratio", ">=",
+                              0.30))
+        for dtype in dict.fromkeys(r["dtype"] for r in rows if r["activation"] == name):
+            if (name, dtype) not in natives:
+                continue
+            for mode, label in (("forward", "forward"), ("forward+backward", "fwd+bwd")):
+                targets.append(Target(f"CPU {name} {label} {dtype} 2^22 no slower than native",
+                                      "kernel", {**at, "dtype": dtype, "mode": mode},
+                                      "speedup.native", ">=", 1.0))
+    fixed = {c.label.lower() for c in CPU_TARGETS}
+    return [t for t in targets if t.label.lower() not in fixed]
 
 
 def evaluate_targets(records: list[dict], device_type: str, ours: str) -> list[dict]:
     """Each target with its measured value and met / not met / not measured (with why)."""
     rows = []
-    for target in GPU_TARGETS if device_type == "cuda" else CPU_TARGETS:
+    targets = (GPU_TARGETS if device_type == "cuda"
+               else CPU_TARGETS + _cpu_activation_targets(records, ours))
+    for target in targets:
         where = dict(target.where)
         if target.record == "kernel":
             where["contender"] = ours

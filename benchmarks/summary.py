@@ -39,7 +39,8 @@ def render(records: list[dict], targets: list[dict], ours: str, preferred_log2: 
              f"python {meta.get('python')}, torch threads {meta.get('torch_threads')}",
              f"- load average (1/5/15 min) at start {meta.get('load_average_start')}, "
              f"at end {end.get('load_average_end')}; wall time {_fmt(end.get('wall_s'), '.0f')} s",
-             f"- \"ours\" = `{ours}` (what `backend=\"auto\"` picks on this device)", "",
+             f"- \"ours\" = `{ours}` (what `backend=\"auto\"` picks on this device)",
+             *_cpu_build_line(meta), "",
              "## Targets", "", *targets_table(targets), ""]
     log2 = headline_log2(records, preferred_log2)
     kernel = [r for r in records if r.get("record") == "kernel" and r.get("status") == "ok"]
@@ -60,6 +61,13 @@ def render(records: list[dict], targets: list[dict], ours: str, preferred_log2: 
     for r in skipped:
         lines += [f"**Skipped {len(r['cases'])} kernel case(s)**: {r['reason']}.", ""]
     return "\n".join(lines)
+
+
+def _cpu_build_line(meta: dict) -> list[str]:
+    if not meta.get("cpu_capability"):
+        return []
+    return [f"- CPU kernels: the `{meta['cpu_capability']}` build "
+            f"({meta.get('cpu_capability_reason')})"]
 
 
 def _kernel_table(rows: list[dict], by_contender: bool = False) -> list[str]:

@@ -1,7 +1,9 @@
 // Runtime choice between the baseline, AVX2 and AVX-512 builds of the CPU activation kernels.
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cstdlib>
 #include <string>
 
@@ -55,9 +57,13 @@ std::string known_names() {
   return out;
 }
 
+// Names match in any case ("AVX2", "avx2"), like torch's ATEN_CPU_CAPABILITY.
 const KernelTable* table_for(const std::string& capability) {
+  std::string lower = capability;
+  std::transform(lower.begin(), lower.end(), lower.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
   for (int i = 0; i < kNumCapabilities; ++i) {
-    if (capability != kCapabilityNames[i]) continue;
+    if (lower != kCapabilityNames[i]) continue;
     TORCH_CHECK(kBuilds[i].supported(), "mishkit: cpu capability '", capability,
                 "' requested, but this CPU lacks ", kBuilds[i].requirement,
                 "; use 'default'");
@@ -67,6 +73,9 @@ const KernelTable* table_for(const std::string& capability) {
                     known_names());
 }
 
+// The widest build the CPU supports. Measured per CPU (benchmarks/results/<cpu>/, the
+// mishkit-cpu-<build> contenders): every kernel of the AVX-512 build is at least as fast as the
+// AVX2 one wherever AVX-512 F/BW/VL/DQ exist, so there is no per-vendor exception.
 const KernelTable* initial_table() {
   if (const char* forced = std::getenv("MISHKIT_CPU_CAPABILITY"); forced && *forced) {
     return table_for(forced);

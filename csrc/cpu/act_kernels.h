@@ -45,15 +45,15 @@ const KernelTable& kernel_table();
 }
 
 // The table in use: the best build the CPU supports (AVX-512 F/BW/VL/DQ, else AVX2 + FMA + F16C,
-// else the baseline). The environment variable MISHKIT_CPU_CAPABILITY=default|avx2|avx512
-// overrides the choice at first use.
+// else the baseline). The environment variable MISHKIT_CPU_CAPABILITY=default|avx2|avx512 (any
+// case) overrides the choice at first use; mishkit/info.py explains the choice to users.
 const KernelTable& active_kernels();
 
 // Which build active_kernels() returns, and its name ("default", "avx2" or "avx512").
 Capability active_capability();
 std::string cpu_capability();
 
-// Switch builds by name (for tests and benchmarks). Throws if the CPU lacks the instructions.
+// Switch builds by name, in any case (tests, benchmarks). Throws if the CPU lacks the instructions.
 void set_cpu_capability(const std::string& capability);
 
 }  // namespace mishkit::cpu

@@ -2,9 +2,15 @@
 //
 // Included by cpu/act_kernels_impl.h once per CPU_CAPABILITY translation unit, so every function
 // here compiles with that unit's instruction set. Masks are Vectorized values with all bits set
-// in true lanes (ordered comparisons: false for NaN, like the scalar policy). float erf/erfc are
-// exp-based approximations within ~1 ulp and the AVX-512 build's float exp is inlined (see
-// vec_detail); everything else is at::vec (SLEEF).
+// in true lanes, k-masks in the AVX-512 build (ordered comparisons: false for NaN, like the scalar
+// policy).
+//
+// float exp, expm1 and log1p are inlined in the AVX2 and AVX-512 builds (vec_detail): at::vec's are
+// out-of-line SLEEF calls, and around a call every vector register is caller-saved, so the loops
+// spilled all their constants and ran at a third to a half of their inlined speed. float erf/erfc
+// are exp-based in every build. Each stays within ~2 ulp of the correctly rounded value over its
+// whole domain (tests/test_cpu_kernels.py checks them against float64 at every exponent), with the
+// IEEE results at 0, +-inf and NaN. The baseline build and double use at::vec (SLEEF / libm).
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -12,6 +18,12 @@
 #include <type_traits>
 
 #include "activations.h"
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#define MISHKIT_INLINE_FLOAT_MATH 1
+#else
+#define MISHKIT_INLINE_FLOAT_MATH 0
+#endif
 
 namespace mishkit::act {
 // One copy per instruction-set build (CPU_CAPABILITY is DEFAULT, AVX2 or AVX512 in the kernel
@@ -21,35 +33,144 @@ namespace vec_detail {
 
 using VecF = at::vec::Vectorized<float>;
 
+#if MISHKIT_INLINE_FLOAT_MATH
+// -- the two bit-level primitives, per instruction set ------------------------------------------
+// (No default-constructed Vectorized anywhere below: GCC compiles at::vec's in-class constructors
+// without the unit's target pragma, and inlining them into pragma code fails.)
+
+struct ExponentSplit {
+  VecF k;  // integral
+  VecF m;
+};
+
 #if defined(CPU_CAPABILITY_AVX512)
-// float exp inlined for the AVX-512 build. at::vec's exp is an out-of-line SLEEF call, and around a
-// call every zmm register is caller-saved: the loops spilled all their constants, and GELU / SiLU
-// ran at half the speed of torch's (oneDNN JIT) kernels. Cody-Waite reduction x = n ln2 + r,
-// |r| <= ln2 / 2, a degree-7 Taylor polynomial (truncation < 1e-8 relative, so within ~2 ulp in
-// all), then vscalefps multiplies by 2^n with the correct overflow to inf and gradual underflow.
-// x is clamped to [-105, 89] first (exp(-105) rounds to 0, exp(89) overflows); max/min return
-// their second operand for NaN, so NaN passes through.
-inline VecF exp(const VecF& x) {
-  __m512 v = _mm512_max_ps(_mm512_set1_ps(-105.0f), x);
-  v = _mm512_min_ps(_mm512_set1_ps(89.0f), v);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  // ln 2 = 0.693359375 - 2.12194440e-4: the high part has 9 bits, so n * high is exact
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+// p * 2^n for integral n in [-150, 128], overflowing to inf and underflowing gradually (vscalefps).
+inline VecF scale_by_pow2(const VecF& p, const VecF& n) { return _mm512_scalef_ps(p, n); }
+
+// u = m 2^k with m in [sqrt(1/2), sqrt(2)), for finite u > 0 that is not subnormal.
+inline ExponentSplit split_exponent(const VecF& u) {
+  const __m512i bits = _mm512_castps_si512(u);
+  const __m512i ki =
+      _mm512_srai_epi32(_mm512_sub_epi32(bits, _mm512_set1_epi32(0x3f3504f3)), 23);
+  return {_mm512_cvtepi32_ps(ki),
+          _mm512_castsi512_ps(_mm512_sub_epi32(bits, _mm512_slli_epi32(ki, 23)))};
 }
 #else
-inline VecF exp(const VecF& x) { return x.exp(); }
+// AVX2 has no vscalefps: 2^n is built in the exponent field, in two halves so each stays normal.
+inline VecF scale_by_pow2(const VecF& p, const VecF& n) {
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i half = _mm256_srai_epi32(ni, 1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
+  const __m256 b = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, a), b);
+}
+
+inline ExponentSplit split_exponent(const VecF& u) {
+  const __m256i bits = _mm256_castps_si256(u);
+  const __m256i ki =
+      _mm256_srai_epi32(_mm256_sub_epi32(bits, _mm256_set1_epi32(0x3f3504f3)), 23);
+  return {_mm256_cvtepi32_ps(ki),
+          _mm256_castsi256_ps(_mm256_sub_epi32(bits, _mm256_slli_epi32(ki, 23)))};
+}
 #endif
+
+// -- exp, expm1, log1p over the primitives --------------------------------------------------------
+
+constexpr float kLog2e = 1.44269504088896341f;
+// ln 2 = kLn2Hi + kLn2Lo; kLn2Hi has 9 significant bits, so n * kLn2Hi is exact for |n| <= 2^15
+constexpr float kLn2Hi = 0.693359375f;
+constexpr float kLn2Lo = -2.12194440e-4f;
+
+// n = round(x / ln2), the exponent of the reduction below
+inline VecF nearest_ln2_multiple(const VecF& x) { return (x * VecF(kLog2e)).round(); }
+
+// r = x - n ln2, |r| <= ln2 / 2 (Cody-Waite)
+inline VecF reduce_ln2(const VecF& x, const VecF& n) {
+  const VecF r = at::vec::fmadd(n, VecF(-kLn2Hi), x);
+  return at::vec::fmadd(n, VecF(-kLn2Lo), r);
+}
+
+// exp(r) for |r| <= ln2 / 2: degree-7 Taylor polynomial, truncation < 1e-8 relative
+inline VecF exp_reduced(const VecF& r) {
+  VecF p = VecF(1.0f / 5040);
+  p = at::vec::fmadd(p, r, VecF(1.0f / 720));
+  p = at::vec::fmadd(p, r, VecF(1.0f / 120));
+  p = at::vec::fmadd(p, r, VecF(1.0f / 24));
+  p = at::vec::fmadd(p, r, VecF(1.0f / 6));
+  p = at::vec::fmadd(p, r, VecF(0.5f));
+  p = at::vec::fmadd(p, r, VecF(1.0f));
+  return at::vec::fmadd(p, r, VecF(1.0f));
+}
+
+// x is clamped to [-104, 89] first (exp(-104) rounds to 0, exp(89) overflows); clamp_min/max
+// return x when it is NaN, so NaN passes through.
+inline VecF exp(const VecF& x) {
+  const VecF v = at::vec::clamp_max(at::vec::clamp_min(x, VecF(-104.0f)), VecF(89.0f));
+  const VecF n = nearest_ln2_multiple(v);
+  return scale_by_pow2(exp_reduced(reduce_ln2(v, n)), n);
+}
+
+// expm1(x) = 2^n (expm1(r) + 1 - 2^-n), where 1 - 2^-n is exact for the n that matter (n = 0
+// keeps the full relative precision of expm1(r) near 0). expm1(r): r + r^2 (1/2 + r/6 + ...),
+// Taylor to r^8 (truncation < 1e-9 relative). x is clamped to [-30, 89]: expm1(-30) rounds to -1.
+inline VecF expm1(const VecF& x) {
+  const VecF v = at::vec::clamp_max(at::vec::clamp_min(x, VecF(-30.0f)), VecF(89.0f));
+  const VecF n = nearest_ln2_multiple(v);
+  const VecF r = reduce_ln2(v, n);
+  VecF p = VecF(1.0f / 40320);
+  p = at::vec::fmadd(p, r, VecF(1.0f / 5040));
+  p = at::vec::fmadd(p, r, VecF(1.0f / 720));
+  p = at::vec::fmadd(p, r, VecF(1.0f / 120));
+  p = at::vec::fmadd(p, r, VecF(1.0f / 24));
+  p = at::vec::fmadd(p, r, VecF(1.0f / 6));
+  p = at::vec::fmadd(p, r, VecF(0.5f));
+  const VecF em1_r = at::vec::fmadd(p, r * r, r);
+  const VecF one_minus = VecF(1.0f) - scale_by_pow2(VecF(1.0f), n.neg());
+  return scale_by_pow2(em1_r + one_minus, n);
+}
+
+// log1p(x) = log(u) + c with u = fl(1 + x) and c = ((1 + x) - u) / u its rounding correction;
+// log(u) = k ln2 + log(m), u = m 2^k, m in [sqrt(1/2), sqrt(2)), log(m) = log1p(f), f = m - 1
+// (exact) by Cephes' logf polynomial (~1 ulp). u >= 2^-24 for x > -1, so u is never subnormal.
+// 1/u comes from the hardware reciprocal estimate and one Newton step (a division costs more).
+inline VecF log1p(const VecF& x) {
+  const VecF u = x + VecF(1.0f);
+  const auto [k, m] = split_exponent(u);
+  const VecF f = m - VecF(1.0f);
+#if defined(CPU_CAPABILITY_AVX512)
+  const VecF estimate = _mm512_rcp14_ps(u);
+#else
+  const VecF estimate = _mm256_rcp_ps(u);
+#endif
+  // one Newton step: 1/u to ~1 ulp (c is the whole result where u rounds to 1)
+  const VecF inv_u =
+      at::vec::fmadd(estimate, at::vec::fnmadd(u, estimate, VecF(1.0f)), estimate);
+  const VecF c = (x - (u - VecF(1.0f))) * inv_u;
+  const VecF z = f * f;
+  VecF p = VecF(7.0376836292e-2f);
+  p = at::vec::fmadd(p, f, VecF(-1.1514610310e-1f));
+  p = at::vec::fmadd(p, f, VecF(1.1676998740e-1f));
+  p = at::vec::fmadd(p, f, VecF(-1.2420140846e-1f));
+  p = at::vec::fmadd(p, f, VecF(1.4249322787e-1f));
+  p = at::vec::fmadd(p, f, VecF(-1.6668057665e-1f));
+  p = at::vec::fmadd(p, f, VecF(2.0000714765e-1f));
+  p = at::vec::fmadd(p, f, VecF(-2.4999993993e-1f));
+  p = at::vec::fmadd(p, f, VecF(3.3333331174e-1f));
+  VecF y = at::vec::fmadd(f * z, p, at::vec::fmadd(k, VecF(kLn2Lo), c));
+  y = at::vec::fmadd(z, VecF(-0.5f), y);
+  VecF result = at::vec::fmadd(k, VecF(kLn2Hi), f + y);
+  // the IEEE special cases: log1p(inf) = inf, log1p(-1) = -inf, below -1 and NaN -> NaN
+  result = VecF::blendv(result, VecF(INFINITY), x == VecF(INFINITY));
+  result = VecF::blendv(result, VecF(-INFINITY), x == VecF(-1.0f));
+  return VecF::blendv(VecF(NAN), result, x >= VecF(-1.0f));
+}
+#else   // baseline build: at::vec's element-wise libm calls
+inline VecF exp(const VecF& x) { return x.exp(); }
+inline VecF expm1(const VecF& x) { return x.expm1(); }
+inline VecF log1p(const VecF& x) { return x.log1p(); }
+#endif  // MISHKIT_INLINE_FLOAT_MATH
 
 // erfc(z) for z >= 0 from exp alone: Numerical Recipes' Chebyshev fit (Press et al., "erfcc"),
 // fractional error < 1.2e-7 over the whole range, i.e. about one float ulp. SLEEF's vector
@@ -94,10 +215,59 @@ inline VecF erf(const VecF& x) {
 
 }  // namespace vec_detail
 
+#if defined(CPU_CAPABILITY_AVX512)
+// AVX-512 comparisons produce k-masks; at::vec turns them into all-ones vectors and blendv turns
+// those back (two more instructions per select), which made relu, hardswish and the other
+// memory-bound kernels ~20% slower than torch's. The policy keeps the k-mask instead.
+template <class T>
+struct Avx512Mask;
+template <>
+struct Avx512Mask<float> {
+  using type = __mmask16;
+  static type cmp_lt(__m512 a, __m512 b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static type cmp_le(__m512 a, __m512 b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }
+  static type cmp_gt(__m512 a, __m512 b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  static type cmp_eq(__m512 a, __m512 b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
+  static __m512 blend(type m, __m512 if_false, __m512 if_true) {
+    return _mm512_mask_blend_ps(m, if_false, if_true);
+  }
+};
+template <>
+struct Avx512Mask<double> {
+  using type = __mmask8;
+  static type cmp_lt(__m512d a, __m512d b) { return _mm512_cmp_pd_mask(a, b, _CMP_LT_OQ); }
+  static type cmp_le(__m512d a, __m512d b) { return _mm512_cmp_pd_mask(a, b, _CMP_LE_OQ); }
+  static type cmp_gt(__m512d a, __m512d b) { return _mm512_cmp_pd_mask(a, b, _CMP_GT_OQ); }
+  static type cmp_eq(__m512d a, __m512d b) { return _mm512_cmp_pd_mask(a, b, _CMP_EQ_OQ); }
+  static __m512d blend(type m, __m512d if_false, __m512d if_true) {
+    return _mm512_mask_blend_pd(m, if_false, if_true);
+  }
+};
+#endif
+
 template <class T>
 struct VecMath {
   using V = at::vec::Vectorized<T>;
+#if defined(CPU_CAPABILITY_AVX512)
+  using K = Avx512Mask<T>;
+  using Mask = typename K::type;
+  static Mask lt(const V& a, const V& b) { return K::cmp_lt(a, b); }
+  static Mask le(const V& a, const V& b) { return K::cmp_le(a, b); }
+  static Mask gt(const V& a, const V& b) { return K::cmp_gt(a, b); }
+  static Mask eq(const V& a, const V& b) { return K::cmp_eq(a, b); }
+  static V select(Mask cond, const V& if_true, const V& if_false) {
+    return K::blend(cond, if_false, if_true);
+  }
+#else
   using Mask = V;
+  static Mask lt(const V& a, const V& b) { return a < b; }
+  static Mask le(const V& a, const V& b) { return a <= b; }
+  static Mask gt(const V& a, const V& b) { return a > b; }
+  static Mask eq(const V& a, const V& b) { return a == b; }
+  static V select(const Mask& cond, const V& if_true, const V& if_false) {
+    return V::blendv(if_false, if_true, cond);  // blendv(a, b, mask) = mask ? b : a
+  }
+#endif
   static V exp(const V& x) {
     if constexpr (std::is_same_v<T, float>) {
       return vec_detail::exp(x);
@@ -105,8 +275,20 @@ struct VecMath {
       return x.exp();
     }
   }
-  static V expm1(const V& x) { return x.expm1(); }
-  static V log1p(const V& x) { return x.log1p(); }
+  static V expm1(const V& x) {
+    if constexpr (std::is_same_v<T, float>) {
+      return vec_detail::expm1(x);
+    } else {
+      return x.expm1();
+    }
+  }
+  static V log1p(const V& x) {
+    if constexpr (std::is_same_v<T, float>) {
+      return vec_detail::log1p(x);
+    } else {
+      return x.log1p();
+    }
+  }
   static V erf(const V& x) {
     if constexpr (std::is_same_v<T, float>) {
       return vec_detail::erf(x);
@@ -123,13 +305,6 @@ struct VecMath {
   }
   static V abs(const V& x) { return x.abs(); }
   static V neg(const V& x) { return x.neg(); }
-  static Mask lt(const V& a, const V& b) { return a < b; }
-  static Mask le(const V& a, const V& b) { return a <= b; }
-  static Mask gt(const V& a, const V& b) { return a > b; }
-  static Mask eq(const V& a, const V& b) { return a == b; }
-  static V select(const Mask& cond, const V& if_true, const V& if_false) {
-    return V::blendv(if_false, if_true, cond);  // blendv(a, b, mask) = mask ? b : a
-  }
 };
 
 }  // namespace CPU_CAPABILITY

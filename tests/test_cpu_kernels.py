@@ -1,0 +1,165 @@
+"""The CPU kernels' instruction-set builds: the inlined float exp / expm1 / log1p of the AVX2 and
+AVX-512 builds at ulp level (tighter than the numerics contract, which test_extension.py checks at
+the extremes), the MISHKIT_CPU_CAPABILITY override in any case, and what `mishkit info` says
+about the build it runs and why."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mishkit import backends, info
+
+_C, _REASON = backends.extension_module()
+pytestmark = pytest.mark.skipif(_C is None, reason=f"extension not built: {_REASON}")
+ops = torch.ops.mishkit
+
+_, FLAGS = info.cpu_model_and_flags()
+SUPPORTED = [name for name, needs in info.CPU_BUILD_FLAGS.items()
+             if FLAGS is not None and FLAGS.issuperset(needs)]
+VECTOR_BUILDS = [
+    pytest.param(name, marks=pytest.mark.skipif(name not in SUPPORTED,
+                                                reason=f"this CPU cannot run the {name} build"))
+    for name in ("avx2", "avx512")
+]
+# 4 float32 ulp: the inlined functions measure <= 1.5 ulp each, and one activation adds a few
+# roundings around them
+ULP4 = 4 * 2.0**-23
+
+
+@pytest.fixture
+def build(request):
+    previous = _C.cpu_capability()
+    _C.set_cpu_capability(request.param)
+    yield request.param
+    _C.set_cpu_capability(previous)
+
+
+def dense_grid(lo: float, hi: float) -> torch.Tensor:
+    """Every 2^-k magnitude and a dense linear sweep over [lo, hi], as float32."""
+    powers = 2.0 ** torch.arange(-149, 128, dtype=torch.float64)
+    values = torch.cat([powers, -powers, torch.linspace(lo, hi, 400_003, dtype=torch.float64)])
+    return values[(values >= lo) & (values <= hi)].float()
+
+
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float):
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, equal_nan=True)
+
+
+@pytest.mark.parametrize("build", VECTOR_BUILDS, indirect=True)
+def test_inlined_expm1_and_exp_through_elu(build):
+    # elu(x) = expm1(x) and elu'(x) = exp(x) for x <= 0 (alpha = 1): every exponent down to the
+    # saturation at -1 and the subnormal range of exp
+    x = dense_grid(-110.0, 0.0)
+    assert_within(ops.act_forward(x, "elu", [1.0]), torch.expm1(x.double()), ULP4, 1e-45)
+    grad = ops.act_backward(torch.ones_like(x), x, "elu", [1.0])
+    assert_within(grad, torch.exp(x.double()), ULP4, 2e-38)  # below 2^-126 exp is subnormal
+
+
+@pytest.mark.parametrize("build", VECTOR_BUILDS, indirect=True)
+def test_inlined_log1p_through_softplus(build):
+    # softplus(x) = log1p(exp(x)) below the threshold: log1p of every magnitude in (0, e^88)
+    x = dense_grid(-100.0, 88.0)
+    got = ops.act_forward(x, "softplus", [1.0, 1000.0])
+    assert_within(got, torch.log1p(torch.exp(x.double())), ULP4, 1e-43)
+
+
+@pytest.mark.parametrize("build", VECTOR_BUILDS, indirect=True)
+def test_inlined_functions_keep_the_ieee_special_values(build):
+    x = torch.tensor([float("-inf"), float("inf"), float("nan"), 89.0, 88.7, -104.0, -0.0, 0.0])
+    elu = ops.act_forward(x, "elu", [1.0])  # expm1 where x <= 0, x itself above
+    torch.testing.assert_close(elu[:3], torch.tensor([-1.0, float("inf"), float("nan")]),
+                               equal_nan=True)
+    selu_grad = ops.act_backward(torch.ones_like(x), x, "selu", [])  # exp(x) for x <= 0
+    assert selu_grad[0] == 0 and torch.isnan(selu_grad[2])
+    softplus = ops.act_forward(x, "softplus", [1.0, 1e30])  # log1p(exp(x)), no threshold
+    assert softplus[0] == 0 and softplus[1] == float("inf") and torch.isnan(softplus[2])
+    assert softplus[3] == float("inf")  # exp(89) overflows to inf, log1p(inf) = inf
+    assert torch.isfinite(softplus[4])  # exp(88.7) is still finite
+    tanhexp = ops.act_forward(x, "tanhexp", [])  # expm1(-2 e^x)
+    assert tanhexp[0] == 0 and tanhexp[1] == float("inf") and torch.isnan(tanhexp[2])
+
+
+# -- choosing the build ----------------------------------------------------------------------------
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    if "MISHKIT_CPU_CAPABILITY" not in env:
+        full_env.pop("MISHKIT_CPU_CAPABILITY", None)
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("spelling", ["AVX2", "Avx512", "DEFAULT", "avx2"])
+def test_environment_override_accepts_any_case(spelling):
+    if spelling.lower() not in SUPPORTED:
+        pytest.skip(f"this CPU cannot run the {spelling.lower()} build")
+    result = run_python("from mishkit import _C; print(_C.cpu_capability())",
+                        MISHKIT_CPU_CAPABILITY=spelling)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == spelling.lower()
+
+
+def test_set_cpu_capability_accepts_any_case():
+    previous = _C.cpu_capability()
+    try:
+        for name in SUPPORTED:
+            _C.set_cpu_capability(name.upper())
+            assert _C.cpu_capability() == name
+    finally:
+        _C.set_cpu_capability(previous)
+
+
+def test_unknown_override_names_the_choices():
+    result = run_python("from mishkit import _C; _C.cpu_capability()",
+                        MISHKIT_CPU_CAPABILITY="AVX9")
+    assert result.returncode != 0
+    assert "unknown cpu capability 'AVX9'; choose one of 'default', 'avx2', 'avx512'" in \
+        result.stderr
+
+
+INFO_JSON = "import json, mishkit.info as i; print(json.dumps(i.collect()['extension']))"
+
+
+@pytest.mark.skipif(FLAGS is None, reason="no /proc/cpuinfo flags on this system")
+def test_info_predicts_the_automatic_choice_and_says_why():
+    result = run_python(INFO_JSON)
+    assert result.returncode == 0, result.stderr
+    ext = json.loads(result.stdout)
+    assert ext["cpu_capability"] == info.automatic_cpu_capability(FLAGS) == SUPPORTED[-1]
+    assert ext["cpu_capability_reason"].startswith("the widest build this CPU supports")
+    for flag in info.CPU_BUILD_FLAGS[ext["cpu_capability"]]:
+        assert flag in ext["cpu_capability_reason"]
+
+
+def test_info_names_a_forced_build():
+    result = run_python(INFO_JSON, MISHKIT_CPU_CAPABILITY="DEFAULT")
+    assert result.returncode == 0, result.stderr
+    ext = json.loads(result.stdout)
+    assert ext["cpu_capability"] == "default"
+    assert ext["cpu_capability_reason"] == "forced by MISHKIT_CPU_CAPABILITY=DEFAULT"
+
+
+@pytest.mark.skipif(len(SUPPORTED) < 2, reason="this CPU runs one build only")
+def test_info_names_a_run_time_switch():
+    previous = _C.cpu_capability()
+    try:
+        _C.set_cpu_capability("default")
+        ext = info.collect()["extension"]
+    finally:
+        _C.set_cpu_capability(previous)
+    assert ext["cpu_capability"] == "default"
+    if not os.environ.get("MISHKIT_CPU_CAPABILITY"):
+        assert ext["cpu_capability_reason"].startswith("switched at run time")
+        assert SUPPORTED[-1] in ext["cpu_capability_reason"]
+
+
+def test_info_text_names_the_cpu_and_the_build():
+    result = run_python("import mishkit.__main__ as m; m.main(['info'])")
+    assert result.returncode == 0, result.stderr
+    assert "CPU: " in result.stdout
+    assert f"CPU build {_C.cpu_capability()}: " in result.stdout
