@@ -111,7 +111,10 @@ def test_converts_every_default_class_and_preserves_mode_dtype_hooks():
     model = nn.Sequential(*acts, nn.Softplus()).double().eval()
     calls = []
     handle = model[0].register_forward_hook(lambda m, i, o: calls.append(o.dtype))
-    model, report = mishkit.convert(model, "mish", report=True)
+    with pytest.warns(UserWarning, match=r"1 activation or norm site.*\n  9: .*Softplus"):
+        model, report = mishkit.convert(model, "mish", report=True)
+    assert report.skipped == [("9", "torch.nn.modules.activation.Softplus (softplus) is not in "
+                                    "replace")]
     assert all(type(m) is mnn.Mish for m in model[:-1]) and type(model[-1]) is nn.Softplus
     assert not model.training and not any(m.training for m in model)
     model(torch.randn(3, dtype=torch.float64))
@@ -209,33 +212,66 @@ def test_functional_inplace_call_on_a_shared_input_is_skipped_with_reason():
     torch.testing.assert_close(model(x), F.relu(x * 2) + 1)
 
 
-def test_untraceable_model_raises_naming_the_part_and_does_not_half_convert():
-    class DataDependent(nn.Module):
-        def forward(self, x):
-            return F.relu(x) if x.sum() > 0 else x
+class DataDependent(nn.Module):
+    def forward(self, x):
+        return F.relu(x) if x.sum() > 0 else x
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.good, self.bad, self.act = CallsFunctional(), DataDependent(), nn.ReLU()
 
-        def forward(self, x):
-            return self.act(self.bad(self.good(x)))
+class GoodAndBad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.good, self.bad, self.act = CallsFunctional(), DataDependent(), nn.ReLU()
 
-    model = Net()
-    with pytest.raises(UntraceableModuleError, match=r"bad \(.*DataDependent\)"):
-        mishkit.convert(model, "mish", functional=True)
+    def forward(self, x):
+        return self.act(self.bad(self.good(x)))
+
+
+def test_strict_untraceable_model_raises_naming_the_part_and_does_not_half_convert():
+    model = GoodAndBad()
+    with pytest.raises(UntraceableModuleError, match=r"bad \(.*DataDependent\).*strict=True"):
+        mishkit.convert(model, "mish", functional=True, strict=True)
     assert type(model.act) is mnn.Mish  # module-level conversion kept
     assert "forward" not in model.good.__dict__  # no functional rewrite anywhere
+    assert "forward" not in model.bad.__dict__
 
 
-def test_forward_branching_on_training_is_refused():
+def test_untraceable_part_is_routed_at_run_time_and_the_rest_rewritten():
+    torch.manual_seed(0)
+    model = GoodAndBad().double()
+    reference = copy.deepcopy(model)
+    model, report = mishkit.convert(model, "mish", functional=True, report=True)
+    assert report.counts["functional"] == 4 and report.counts["runtime"] == 1
+    assert ("bad", "DataDependent.forward calls relu",
+            "mishkit.functional.activation('mish') at run time", "runtime") in report.replaced
+
+    def reference_forward(x):
+        net = reference.good
+        h = F.mish(net.fc1(x))
+        h = F.mish(net.fc2(h)) + F.mish(h)
+        h = F.mish(net.fc2(h))
+        return F.mish(F.mish(h) if h.sum() > 0 else h)
+
+    for sign in (1, -1):  # both branches of the data-dependent forward
+        x = sign * torch.rand(3, 4, dtype=torch.float64)
+        torch.testing.assert_close(model(x), reference_forward(x))
+    # "fx" alone reports the untraceable part instead of routing it
+    _, report = mishkit.convert(GoodAndBad(), "mish", functional="fx", report=True)
+    assert report.counts["runtime"] == 0
+    assert [p for p, r in report.skipped] == ["bad"]
+    assert "relu not converted: torch.fx cannot trace bad" in report.skipped[0][1]
+
+
+def test_forward_branching_on_training_is_refused_by_fx_and_routed_at_run_time():
     class ModeDependent(nn.Module):
         def forward(self, x):
-            return F.relu(x) if self.training else x
+            return F.relu(x) if self.training else F.leaky_relu(x, 0.5)
 
     with pytest.raises(UntraceableModuleError, match=r"self\.training"):
-        mishkit.convert(ModeDependent(), "mish", functional=True)
+        mishkit.convert(ModeDependent(), "mish", functional=True, strict=True)
+    model = mishkit.convert(ModeDependent(), "silu", functional=True)
+    x = torch.randn(6, dtype=torch.float64)
+    torch.testing.assert_close(model.train()(x), F.silu(x))
+    torch.testing.assert_close(model.eval()(x), F.silu(x))
 
 
 # -- BN fusion -------------------------------------------------------------------------------------
@@ -406,8 +442,8 @@ def test_report_lists_paths_types_and_counts():
     _, report = mishkit.convert(EncoderDecoder(nn.ReLU), "mish", include="encoder.*", report=True)
     text = str(report)
     assert "encoder.1: ReLU -> Mish()" in text and "decoder.1: skipped" in text
-    assert report.counts == {"module": 2, "functional": 0, "fused_bn": 0, "fused_bn_add": 0,
-                             "skipped": 1}
+    assert report.counts == {"module": 2, "functional": 0, "runtime": 0, "fused_bn": 0,
+                             "fused_bn_add": 0, "skipped": 1}
 
 
 def test_converting_again_retargets_functional_calls_and_fused_norms():
