@@ -186,7 +186,7 @@ class _Rewrite:
         self.graphs.install_changed()
         for path, module, names in routes:
             if runtime.install(module, self.replace.classes, self.name, self.bound,
-                               self.backend):
+                               self.backend, names):
                 self.result.replaced.append(
                     (path, f"{type(module).__name__}.forward calls {', '.join(names)}",
                      module.forward.describe(), "runtime"))

@@ -22,7 +22,6 @@ treatment in traced code: they stay one call, never rewritten inside.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
@@ -50,7 +49,6 @@ class Known:
     formula: str = ""  # what it computes, for reports, where no registry name says it
     reason: str | None = None  # set: known, but never replaced (why)
     gate: bool = False
-    params: Callable[[object], dict] | None = None  # registry params read from an instance
 
     def describe(self) -> str:
         return self.activation or self.formula or "?"
@@ -93,7 +91,7 @@ def qualified_name(obj) -> str:
 
 
 def register_activation(qualname: str, activation: str | None = None, *, formula: str = "",
-                        reason: str | None = None, gate: bool = False, params=None,
+                        reason: str | None = None, gate: bool = False,
                         function: bool = False) -> Known:
     """Tell :func:`mishkit.convert` what a third-party activation class (or function) is.
 
@@ -101,7 +99,6 @@ def register_activation(qualname: str, activation: str | None = None, *, formula
     give it (``mishkit.conversion.qualified_name(m)`` prints it). ``activation``: the registry name
     of the formula it computes, if the registry has it; ``formula``: a description otherwise.
     ``reason``: never replace it, and report this. ``gate=True``: a squashing gate, left alone.
-    ``params(module) -> dict``: registry parameters read from an instance (e.g. a slope).
     ``function=True`` registers a plain function called in forward code (fx keeps it one call).
     A later registration of the same name replaces the earlier one::
 
@@ -117,9 +114,7 @@ def register_activation(qualname: str, activation: str | None = None, *, formula
         activation = get_spec(activation).name  # ValueError lists the valid names
     if gate and (activation is not None or reason is not None):
         raise ValueError("register_activation: a gate has no activation and no reason")
-    if params is not None and not callable(params):
-        raise TypeError(f"register_activation: params must be callable, got {params!r}")
-    known = Known(qualname, activation, formula, reason, gate, params)
+    known = Known(qualname, activation, formula, reason, gate)
     (_FUNCTIONS if function else _MODULES)[qualname] = known
     return known
 
@@ -137,9 +132,12 @@ def known_function(fn) -> Known | None:
         return None
 
 
-# torch classes that are activation sites but not in the default ``replace``, and torch gates
+# torch's activation classes (those outside the default ``replace`` are reported), and its gates
 _TORCH_SITES: dict[type, Known] = {
     cls: Known(qualified_name(cls), *rest) for cls, *rest in [
+        (nn.ReLU, "relu"), (nn.ReLU6, None, "relu6(x)"), (nn.LeakyReLU, "leaky_relu"),
+        (nn.SiLU, "silu"), (nn.GELU, None, "gelu (erf or tanh form)"), (nn.ELU, "elu"),
+        (nn.Hardswish, "hardswish"), (nn.Mish, "mish"),
         (nn.SELU, "selu"), (nn.CELU, None, "celu(x, alpha)"), (nn.Softplus, "softplus"),
         (nn.Hardtanh, None, "clamp(x, min_val, max_val)"),
         (nn.RReLU, None, "randomized leaky relu",
@@ -158,8 +156,7 @@ _ACTIVATION_NAME = re.compile(r"gelu|relu|elu|silu|swish|mish|softplus|activatio
 def identify(module: nn.Module) -> Site | None:
     """What ``module`` is for conversion, or None when it is no activation site or gate.
 
-    torch's own activation classes in the default ``replace`` (ReLU, GELU, ...) and mishkit's
-    modules are handled by ``replace`` itself and give None here.
+    mishkit's own modules give None (``replace`` covers them through ``Activation``).
     """
     cls = type(module)
     for base in cls.__mro__:

@@ -11,7 +11,10 @@ data-dependent control flow and ``self.training`` branches keep working; torch.c
 through the mode (``fullgraph=True`` works).
 
 An in-place call stays in place: under autograd the activation is computed from a copy of the
-input (mishkit's backward reads the input) and written back with ``copy_``.
+input (mishkit's backward reads the input) and written back with ``copy_``. torch.compile does
+not pass the in-place builtins (``torch.relu_``, ``F.relu_``, ``F.leaky_relu_``, ``F.elu_``,
+``torch.selu_``) through a function mode, so a forward whose code names one runs eagerly (a
+graph break; ``fullgraph=True`` then fails loudly) instead of silently keeping them.
 
 Cost: in eager mode every torch call inside the module (children included) passes through the
 mode's Python handler; under torch.compile it is resolved at trace time.
@@ -38,6 +41,8 @@ REDIRECTS: dict[object, tuple[type[nn.Module], int | None, bool]] = {
     torch.Tensor.relu: (nn.ReLU, None, False), torch.Tensor.relu_: (nn.ReLU, None, True),
 }  # fmt: skip
 _NAMES = {getattr(target, "__name__", None): spec for target, spec in REDIRECTS.items()}
+# spelled like the in-place builtins dynamo calls without the mode (x.relu_() shares the name)
+COMPILE_BLIND = frozenset({"relu_", "leaky_relu_", "elu_", "selu_"})
 
 
 class SuspendHook:
@@ -70,8 +75,9 @@ class RuntimeForward:
     """A module's forward with its activation calls redirected to mishkit at run time."""
 
     def __init__(self, owner: nn.Module, classes: tuple[type, ...], name: str, params: tuple,
-                 backend: str, previous=None):
+                 backend: str, previous=None, eager_under_compile: bool = False):
         self.owner, self.previous = owner, previous
+        self.eager_under_compile = eager_under_compile
         self.active: list[_Redirect] = []  # one mode per call in progress (re-entrant)
         self.retarget(classes, name, params, backend)
 
@@ -88,6 +94,11 @@ class RuntimeForward:
         return True
 
     def __call__(self, *args, **kwargs):
+        if self.eager_under_compile and torch.compiler.is_compiling():
+            return _eager(self, args, kwargs)
+        return self.run(args, kwargs)
+
+    def run(self, args, kwargs):
         forward = self.previous or type(self.owner).forward.__get__(self.owner)
         mode = _Redirect(self)
         self.active.append(mode)
@@ -113,11 +124,17 @@ class RuntimeForward:
                                      **self.kwargs)
 
     def describe(self) -> str:
-        return f"mishkit.functional.activation({self.name!r}) at run time"
+        eager = " (eager under torch.compile)" if self.eager_under_compile else ""
+        return f"mishkit.functional.activation({self.name!r}) at run time{eager}"
 
     def __reduce__(self):
-        return (RuntimeForward,
-                (self.owner, self.classes, self.name, self.params, self.backend, self.previous))
+        return (RuntimeForward, (self.owner, self.classes, self.name, self.params, self.backend,
+                                 self.previous, self.eager_under_compile))
+
+
+@torch.compiler.disable
+def _eager(route: RuntimeForward, args, kwargs):
+    return route.run(args, kwargs)
 
 
 def called_modules(owner: nn.Module) -> Iterator[nn.Module]:
@@ -129,12 +146,15 @@ def called_modules(owner: nn.Module) -> Iterator[nn.Module]:
             yield child
 
 
-def install(owner: nn.Module, classes, name: str, params: tuple, backend: str) -> bool:
-    """Route ``owner``'s forward (or retarget its route); True if anything changed."""
+def install(owner: nn.Module, classes, name: str, params: tuple, backend: str,
+            references=()) -> bool:
+    """Route ``owner``'s forward (or retarget its route); True if anything changed.
+    ``references``: the activation function names its code holds (activation_references)."""
     current = owner.__dict__.get("forward")
     if isinstance(current, RuntimeForward):
         return current.retarget(classes, name, params, backend)
-    route = RuntimeForward(owner, classes, name, params, backend, previous=current)
+    route = RuntimeForward(owner, classes, name, params, backend, previous=current,
+                           eager_under_compile=bool(COMPILE_BLIND & set(references)))
     for module in called_modules(owner):
         module.register_forward_pre_hook(SuspendHook(route, 1))
         module.register_forward_hook(SuspendHook(route, -1), always_call=True)
