@@ -25,6 +25,7 @@ from . import fusion, fx, native, runtime
 from .fx import UntraceableModuleError
 from .mappings import (
     KNOWN_ACTIVATIONS,
+    NORM_ACT,
     identify,
     known_activations,
     qualified_name,
@@ -192,8 +193,11 @@ class _Rewrite:
                      module.forward.describe(), "runtime"))
 
     def _candidates(self):
+        """Modules whose own forward may hold calls to rewrite: user code, not an activation
+        site, gate or known norm-act module (those are units)."""
         for path, module in self.model.named_modules():
-            if self.scope(path) and fx.traceable_kind(module) and identify(module) is None:
+            if (self.scope(path) and fx.traceable_kind(module) and identify(module) is None
+                    and qualified_name(module) not in NORM_ACT):
                 yield path, module
 
     def _trace_all(self) -> list:

@@ -38,6 +38,10 @@ class UntraceableModuleError(RuntimeError):
 
 
 class _ShallowTracer(fx.Tracer):
+    # buffers as graph inputs: a forward's buffer updates (a BN's num_batches_tracked.add_) are
+    # recorded, not run at trace time
+    proxy_buffer_attributes = True
+
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return True
 
@@ -144,6 +148,9 @@ def _known_leaves(module: nn.Module) -> list[tuple[dict, str, Callable]]:
 
 def _trace_with_leaves(module: nn.Module, leaves) -> fx.Graph:
     saved = [(space, name, space[name]) for space, name, _ in leaves]
+    # whatever tracing still runs for real (a helper made a leaf is not run) must leave no trace
+    state = {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()
+             if isinstance(v, torch.Tensor) and "." not in k}
     try:
         for space, name, fn in leaves:
             space[name] = _leaf(fn)
@@ -151,6 +158,10 @@ def _trace_with_leaves(module: nn.Module, leaves) -> fx.Graph:
     finally:
         for space, name, value in saved:
             space[name] = value
+        with torch.no_grad():
+            for key, value in module.state_dict(keep_vars=True).items():
+                if key in state:
+                    value.copy_(state[key])
 
 
 def _failing_helper(exc: BaseException) -> tuple[dict, str, Callable] | None:

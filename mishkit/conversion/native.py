@@ -95,13 +95,13 @@ def _unfuse(model, scope, result) -> None:
         callers = list(_callers(model, child))
         keys = list(parent._modules)
         after = keys[keys.index(slot) + 1] if slot != keys[-1] else None
-        if callers:
+        if own_act is not None and type(own_act) is not nn.Identity:
+            norm.act = act_module  # it was fused whole: callers see the same module again
+        elif callers:
             for module, graph, names in callers:
                 for node in [n for n in graph.nodes if n.name in names]:
                     fx.unfuse_call(graph, node, make_act)
                 fx.install(module, graph)
-        elif own_act is not None and type(own_act) is not nn.Identity:
-            norm.act = act_module
         elif isinstance(parent, nn.Sequential) and type(parent._modules.get(after)) is nn.Identity:
             parent._modules[after] = act_module
         else:
