@@ -481,3 +481,143 @@ def test_fusion_never_bypasses_hooks_and_backend_is_passed_on():
     assert ("1", "norm or activation has hooks") in report.skipped
     assert type(model[4]) is mnn.BatchNormAct2d and model[4].backend == "torch"
     assert model[2].backend == "torch"
+
+
+# -- every registry activation as a target; third-party classes; what gets reported ---------------
+
+
+@pytest.mark.parametrize("name", list(mishkit.ACTIVATIONS))
+def test_every_registry_activation_is_a_convert_target(name):
+    from .helpers import PARAMS
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.GELU()).double()
+    params = PARAMS.get(name, {})
+    model, report = mishkit.convert(model, name, report=True, **params)
+    assert report.counts["module"] == 2 and report.skipped == []
+    spec = mishkit.ACTIVATIONS[name]
+    assert all(isinstance(m, mnn.Activation) and m.activation == name for m in model[1::2])
+    x = torch.randn(3, 4, dtype=torch.float64)
+    expected = model[2](spec.reference(model[0](x), **{**spec.params, **params}))
+    torch.testing.assert_close(model(x), spec.reference(expected, **{**spec.params, **params}))
+
+
+def test_convert_to_gelu_and_back_to_native():
+    model = mishkit.convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True)), "gelu")
+    assert type(model[1]) is mnn.GELU and model[1].inplace
+    mishkit.convert(model, "native")
+    assert type(model[1]) is nn.GELU
+
+
+class FancyGELU(nn.Module):
+    """A third-party-style activation mishkit does not know until it is registered."""
+
+    def forward(self, x):
+        return F.gelu(x, approximate="tanh")
+
+
+def test_unknown_activation_class_is_reported_until_registered():
+    from mishkit.conversion import qualified_name, register_activation
+    from mishkit.conversion.mappings import _MODULES
+
+    model = nn.Sequential(nn.Linear(4, 4), FancyGELU())
+    with pytest.warns(UserWarning, match="1 activation or norm site"):
+        model, report = mishkit.convert(model, "mish", functional=True, report=True)
+    name = qualified_name(FancyGELU)
+    assert report.skipped == [("1", f"{name} looks like an activation, but mishkit does not "
+                                    f"know it: mishkit.conversion.register_activation({name!r}, "
+                                    "...) maps it")]
+    assert report.counts["functional"] == 0  # never traced: its F.gelu is its own
+    try:
+        register_activation(name, "gelu_tanh")
+        model, report = mishkit.convert(model, "mish", report=True)
+        assert type(model[1]) is mnn.Mish and report.replaced[0][1] == "FancyGELU (gelu_tanh)"
+        # and by qualified name in replace, without KNOWN_ACTIVATIONS
+        model = mishkit.convert(nn.Sequential(FancyGELU(), nn.ReLU()), "silu", replace=[name])
+        assert [type(m) for m in model] == [mnn.SiLU, nn.ReLU]
+    finally:
+        del _MODULES[name]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"qualname": "FancyGELU"}, ValueError, "package.module.ClassName"),
+        ({"qualname": "a.B", "activation": "mihs"}, ValueError, "unknown activation"),
+        ({"qualname": "a.B", "gate": True, "reason": "x"}, ValueError, "a gate has no"),
+    ],
+)
+def test_register_activation_rejects_bad_entries(kwargs, error, match):
+    from mishkit.conversion import register_activation
+
+    with pytest.raises(error, match=match):
+        register_activation(**kwargs)
+
+
+def test_untraceable_module_without_norms_or_calls_is_not_reported():
+    class Shapes(nn.Module):  # fx cannot trace it, and it holds nothing to convert
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.fc(x)) if x.shape[0] > int(x.sum() * 0) else x
+
+    model, report = mishkit.convert(Shapes(), "mish", functional=True, fuse_bn=True, report=True)
+    assert report.skipped == [] and report.counts["module"] == 1
+
+
+class ConvBN(nn.Module):
+    """conv + BN in one child; the block adds and activates (the Hugging Face ResNet shape)."""
+
+    def __init__(self, c=3, act=None):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.act = act or nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.norm(self.conv(x)))
+
+
+class SplitBlock(nn.Module):
+    def __init__(self, c=3):
+        super().__init__()
+        self.layer = nn.Sequential(ConvBN(c, nn.ReLU()), ConvBN(c))
+        self.shortcut = ConvBN(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        h = self.layer(x)
+        h += self.shortcut(x)
+        return self.act(h)
+
+
+def test_fuse_bn_across_module_boundaries_and_back():
+    torch.manual_seed(0)
+    block = SplitBlock().double()
+    reference = mishkit.convert(copy.deepcopy(block), "mish")
+    keys = list(block.state_dict())
+    block, report = mishkit.convert(block, "mish", fuse_bn=True, report=True)
+    assert ("layer.1.norm", "BatchNorm2d + add + Mish (across modules)") in [
+        (p, old) for p, old, _, _ in report.replaced]
+    assert report.counts == {"module": 2, "functional": 0, "runtime": 0, "fused_bn": 1,
+                             "fused_bn_add": 1, "skipped": 0}
+    assert type(block.layer[1].norm) is mnn.BatchNormAct2d and list(block.state_dict()) == keys
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    assert_same_outputs_and_grads(block, reference, x)
+    mishkit.convert(block, "native")
+    assert type(block.layer[1].norm) is nn.BatchNorm2d and list(block.state_dict()) == keys
+    block.eval(), reference.eval()
+    torch.testing.assert_close(block(x), reference(x))
+
+
+def test_fuse_bn_across_modules_refuses_shared_or_hooked_children():
+    shared = SplitBlock().double()
+    shared.shortcut = shared.layer[1]  # the same module feeds both operands
+    _, report = mishkit.convert(shared, "mish", fuse_bn=True, report=True)
+    assert report.counts["fused_bn_add"] == 0
+    hooked = SplitBlock().double()
+    hooked.layer[1].register_forward_hook(lambda m, i, o: None)  # would see the moved BN
+    hooked.shortcut.register_forward_hook(lambda m, i, o: None)
+    _, report = mishkit.convert(hooked, "mish", fuse_bn=True, report=True)
+    assert report.counts["fused_bn_add"] == 0

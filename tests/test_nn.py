@@ -141,3 +141,16 @@ def test_is_norm_and_fused_bn_reexports():
     assert mnn.is_norm(mnn.BatchNormAct2d(3))
     assert not mnn.is_norm(nn.LayerNorm(3)) and not mnn.is_norm(mnn.Mish())
     assert mishkit.nn.SyncBatchNormAct2d.__name__ == "SyncBatchNormAct2d"
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_get_activation_takes_inplace_and_backend_for_every_name(name):
+    spec = ACTIVATIONS[name]
+    x = torch.linspace(-4, 4, 9, dtype=torch.float64)
+    for inplace in (False, True):
+        module = mnn.get_activation(name, inplace=inplace, backend="torch")
+        assert (module.activation, module.inplace, module.backend) == (name, inplace, "torch")
+        with torch.no_grad():
+            y = module(x.clone())
+        torch.testing.assert_close(y, spec.reference(x, **spec.params))
+    assert "inplace=True" in repr(mnn.get_activation(name, inplace=True))
