@@ -563,7 +563,7 @@ def test_untraceable_module_without_norms_or_calls_is_not_reported():
         def forward(self, x):
             return self.act(self.fc(x)) if x.shape[0] > int(x.sum() * 0) else x
 
-    model, report = mishkit.convert(Shapes(), "mish", functional=True, fuse_bn=True, report=True)
+    _, report = mishkit.convert(Shapes(), "mish", functional=True, fuse_bn=True, report=True)
     assert report.skipped == [] and report.counts["module"] == 1
 
 
@@ -621,3 +621,20 @@ def test_fuse_bn_across_modules_refuses_shared_or_hooked_children():
     hooked.shortcut.register_forward_hook(lambda m, i, o: None)
     _, report = mishkit.convert(hooked, "mish", fuse_bn=True, report=True)
     assert report.counts["fused_bn_add"] == 0
+
+
+def test_tracing_records_buffer_updates_instead_of_running_them():
+    class Counts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x):
+            self.calls.add_(1)
+            return F.relu(x)
+
+    model = mishkit.convert(Counts(), "mish", functional=True)
+    assert model.calls.item() == 0  # two traces ran nothing
+    x = torch.randn(4)
+    torch.testing.assert_close(model(x), F.mish(x))
+    assert model.calls.item() == 1

@@ -148,9 +148,6 @@ def _known_leaves(module: nn.Module) -> list[tuple[dict, str, Callable]]:
 
 def _trace_with_leaves(module: nn.Module, leaves) -> fx.Graph:
     saved = [(space, name, space[name]) for space, name, _ in leaves]
-    # whatever tracing still runs for real (a helper made a leaf is not run) must leave no trace
-    state = {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()
-             if isinstance(v, torch.Tensor) and "." not in k}
     try:
         for space, name, fn in leaves:
             space[name] = _leaf(fn)
@@ -158,10 +155,6 @@ def _trace_with_leaves(module: nn.Module, leaves) -> fx.Graph:
     finally:
         for space, name, value in saved:
             space[name] = value
-        with torch.no_grad():
-            for key, value in module.state_dict(keep_vars=True).items():
-                if key in state:
-                    value.copy_(state[key])
 
 
 def _failing_helper(exc: BaseException) -> tuple[dict, str, Callable] | None:
