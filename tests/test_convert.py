@@ -13,6 +13,8 @@ import mishkit
 import mishkit.nn as mnn
 from mishkit import UntraceableModuleError
 
+from .helpers import PARAMS, assert_same_outputs_and_grads
+
 
 def stack(act, *, channels=4):
     """conv-BN-act twice, then a head; ``act`` builds the activation modules."""
@@ -65,19 +67,6 @@ class CallsFunctional(nn.Module):
 def clone_weights(src, dst):
     dst.load_state_dict(src.state_dict())
     return dst
-
-
-def assert_same_outputs_and_grads(model, reference, x):
-    model.zero_grad(), reference.zero_grad()
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = model(x1), reference(x2)
-    torch.testing.assert_close(y1, y2)
-    grad = torch.randn_like(y1)
-    y1.backward(grad)
-    y2.backward(grad)
-    torch.testing.assert_close(x1.grad, x2.grad)
-    for (name, p1), p2 in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p1.grad, p2.grad, msg=name)
 
 
 @pytest.mark.parametrize(
@@ -488,8 +477,6 @@ def test_fusion_never_bypasses_hooks_and_backend_is_passed_on():
 
 @pytest.mark.parametrize("name", list(mishkit.ACTIVATIONS))
 def test_every_registry_activation_is_a_convert_target(name):
-    from .helpers import PARAMS
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.GELU()).double()
     params = PARAMS.get(name, {})

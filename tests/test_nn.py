@@ -11,6 +11,8 @@ import mishkit
 import mishkit.nn as mnn
 from mishkit.registry import ACTIVATIONS
 
+from .helpers import assert_same_outputs_and_grads
+
 # (mishkit module, torch module) built with the same constructor arguments
 DROP_INS = [
     (lambda: mnn.ReLU(), lambda: nn.ReLU()),
@@ -32,14 +34,7 @@ DROP_INS = [
 def test_module_matches_torch_module_forward_and_grad(pair, backend):
     ours, theirs = pair[0](), pair[1]()
     ours.backend = backend
-    x = (torch.randn(3, 5, dtype=torch.float64) * 4).requires_grad_()
-    x_ref = x.detach().clone().requires_grad_()
-    y, y_ref = ours(x), theirs(x_ref)
-    torch.testing.assert_close(y, y_ref)
-    grad = torch.randn_like(y)
-    y.backward(grad)
-    y_ref.backward(grad)
-    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert_same_outputs_and_grads(ours, theirs, torch.randn(3, 5, dtype=torch.float64) * 4)
 
 
 def test_every_registered_activation_has_a_module():

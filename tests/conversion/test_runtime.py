@@ -13,6 +13,8 @@ import mishkit
 from mishkit.conversion import qualified_name, register_activation
 from mishkit.conversion.runtime import RuntimeForward
 
+from ..helpers import assert_same_outputs_and_grads
+
 
 class HardSigmoidGate(nn.Module):
     """A gate whose forward calls F.relu6 (as timm's HardSigmoid): never rewritten inside."""
@@ -65,18 +67,6 @@ def converted(target="mish"):
     return model, original, report
 
 
-def assert_matches_reference(model, original, act, x):
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y, y_ref = model(x1), reference(original, x2, act)
-    torch.testing.assert_close(y, y_ref)
-    grad = torch.randn_like(y)
-    y.backward(grad)
-    y_ref.backward(grad)
-    torch.testing.assert_close(x1.grad, x2.grad)
-    for (name, p), p_ref in zip(model.named_parameters(), original.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
-
-
 @pytest.mark.parametrize("sign", [1.0, -1.0], ids=["positive", "negative"])
 def test_routed_forward_matches_reference_in_both_branches_with_gradients(sign):
     model, original, report = converted()
@@ -84,7 +74,8 @@ def test_routed_forward_matches_reference_in_both_branches_with_gradients(sign):
     assert report.counts["runtime"] == 1 and report.counts["functional"] == 0
     assert ("excluded", "outside include/exclude") in report.skipped
     x = sign * (torch.rand(3, 4, dtype=torch.float64) + 0.5)
-    assert_matches_reference(model, original, F.mish, x)
+    assert_same_outputs_and_grads(model, lambda t: reference(original, t, F.mish), x,
+                                  original.parameters())
 
 
 def test_routed_forward_under_torch_compile_fullgraph():
