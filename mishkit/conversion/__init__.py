@@ -184,6 +184,7 @@ class _Rewrite:
         for path, (module, graph) in list(self.graphs.traced.items()):
             if self._rewrite(module, path, graph, across):
                 self.graphs.dirty.add(path)
+                runtime.uninstall(module)  # a rewritten graph replaces an earlier route
         self.graphs.install_changed()
         for path, module, names in routes:
             if runtime.install(module, self.replace.classes, self.name, self.bound,

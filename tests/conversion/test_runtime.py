@@ -177,6 +177,24 @@ def test_runtime_mode_routes_traceable_forwards_without_tracing():
     torch.testing.assert_close(model(x), F.mish(x) * F.mish(x) + 1)
 
 
+def test_fx_rewrite_replaces_an_earlier_route():
+    class Calls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return F.relu(self.fc(x))
+
+    model = mishkit.convert(Calls(), "mish", functional="runtime")
+    assert isinstance(model.forward, RuntimeForward) and model.fc._forward_pre_hooks
+    model = mishkit.convert(model, "silu", functional=True)
+    assert isinstance(model.forward, mishkit.conversion.fx.RewrittenForward)
+    assert not model.fc._forward_pre_hooks and not model.fc._forward_hooks
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(model(x), F.silu(model.fc(x)))
+
+
 def test_functional_value_is_checked():
     with pytest.raises(ValueError, match="functional must be one of"):
         mishkit.convert(nn.ReLU(), "mish", functional="trace")
