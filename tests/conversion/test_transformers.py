@@ -25,9 +25,9 @@ import mishkit
 import mishkit.nn as mnn
 from mishkit.conversion import identify
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-transformers = pytest.importorskip("transformers")  # a test dependency (scripts/setup_env.sh)
-from transformers import activations as hf_activations  # noqa: E402
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never download
+import transformers  # a test dependency (scripts/setup_env.sh, pyproject's [test])
+from transformers import activations as hf_activations
 
 T = transformers
 TEXT = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
