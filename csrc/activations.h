@@ -355,6 +355,21 @@ struct Selu : NoParams {
   }
 };
 
+// x sigmoid(k x), k = 1.702 (CLIP's "quick" GELU). The derivative multiplies x by the slope
+// before k: k x overflows in float32 for |x| > 2e38 where the slope is already exactly 0.
+struct QuickGelu : NoParams {
+  template <class M, class V = typename M::V>
+  static HOST_DEVICE V forward(V x, const Params<V>&) {
+    return with_limits<M>(x, x / (V(1) + M::exp(M::neg(V(1.702) * x))), V(0));
+  }
+  template <class M, class V = typename M::V>
+  static HOST_DEVICE V derivative(V x, const Params<V>&) {
+    V s, slope;
+    sigmoid_and_slope<M>(V(1.702) * x, s, slope);
+    return with_limits<M>(x, s + (x * slope) * V(1.702), V(0), V(1));
+  }
+};
+
 // -- name-based dispatch --------------------------------------------------------------------------
 // (registry name, functor), in registry.py order.
 #define MISHKIT_FOR_EACH_ACTIVATION(X) \
@@ -372,7 +387,8 @@ struct Selu : NoParams {
   X(relu, Relu)                        \
   X(leaky_relu, LeakyRelu)             \
   X(elu, Elu)                          \
-  X(selu, Selu)
+  X(selu, Selu)                        \
+  X(quick_gelu, QuickGelu)
 
 enum class ActId : int {
 #define MISHKIT_ENUM_ENTRY(name, Functor) name,

@@ -110,11 +110,15 @@ _GELU_APPROXIMATIONS = {"none": "gelu", "tanh": "gelu_tanh"}
 
 
 class GELU(Activation):
-    """Drop-in for ``torch.nn.GELU(approximate="none" | "tanh")``; "tanh" computes gelu_tanh."""
+    """Drop-in for ``torch.nn.GELU(approximate="none" | "tanh")``; "tanh" computes gelu_tanh.
+
+    ``inplace`` (keyword-only; torch's GELU has none) works as on every mishkit module.
+    """
 
     spec = ACTIVATIONS["gelu"]
 
-    def __init__(self, approximate: str = "none", *, backend: str = "auto"):
+    def __init__(self, approximate: str = "none", *, inplace: bool = False,
+                 backend: str = "auto"):
         if approximate not in _GELU_APPROXIMATIONS:
             raise ValueError(
                 f"GELU: approximate must be one of {list(_GELU_APPROXIMATIONS)}, "
@@ -122,11 +126,15 @@ class GELU(Activation):
             )
         self.spec = ACTIVATIONS[_GELU_APPROXIMATIONS[approximate]]
         self.approximate = approximate
-        super().__init__(backend=backend)
+        super().__init__(inplace=inplace, backend=backend)
 
     def extra_repr(self) -> str:
-        backend = f", backend={self.backend!r}" if self.backend != "auto" else ""
-        return f"approximate={self.approximate!r}{backend}"
+        parts = [f"approximate={self.approximate!r}"]
+        if self.inplace:
+            parts.append("inplace=True")
+        if self.backend != "auto":
+            parts.append(f"backend={self.backend!r}")
+        return ", ".join(parts)
 
 
 MODULES: dict[str, type[Activation]] = {

@@ -25,6 +25,7 @@ Formula = Callable[..., torch.Tensor]
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_TANH_COEF = 0.044715
+QUICK_GELU_COEF = 1.702
 SELU_ALPHA = 1.6732632423543772848170429916717
 SELU_SCALE = 1.0507009873554804934193349852946
 
@@ -158,6 +159,16 @@ def _gelu_tanh_grad(x):
     inner_grad = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_COEF * xc * xc)
     d = 0.5 * (1 + t) + 0.5 * xc * (1 - t * t) * inner_grad
     return torch.where(x > 10, 1.0, torch.where(x < -10, 0.0, d)).to(x.dtype)
+
+
+def _quick_gelu(x):
+    return _limits(x, x * torch.sigmoid(QUICK_GELU_COEF * x), 0.0)
+
+
+def _quick_gelu_grad(x):
+    s = torch.sigmoid(QUICK_GELU_COEF * x)
+    # (x s) first: k x alone may overflow where s has already underflowed to 0
+    return _limits(x, s + (x * s) * (QUICK_GELU_COEF * (1 - s)), 0.0, 1.0)
 
 
 def _hardswish(x):
@@ -298,4 +309,6 @@ register(ActivationSpec("elu", "ELU", "x if x > 0 else alpha * (exp(x) - 1)", _e
 register(ActivationSpec("selu", "SELU", "scale * elu(x, alpha) with the SELU constants", _selu,
                         _selu_grad, native=F.selu, torch_module="SELU", monotonic=True,
                         smooth=False))
+register(ActivationSpec("quick_gelu", "QuickGELU", "x * sigmoid(1.702 x)  (CLIP's GELU)",
+                        _quick_gelu, _quick_gelu_grad))
 # fmt: on

@@ -14,6 +14,8 @@ pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
 "$PY" -c "import triton, pytest, hypothesis, ruff, importlinter, ninja, yaml, PIL, tqdm, matplotlib" \
   2>/dev/null || pip_install "torch==2.13.0" setuptools wheel ninja triton pytest hypothesis ruff \
        import-linter expecttest numpy pyyaml pillow tqdm matplotlib
+# transformers (pure Python) for the conversion tests on real model code; torch pinned beside it
+"$PY" -c "import transformers" 2>/dev/null || pip_install "torch==2.13.0" transformers
 
 # Rebuild only when the C++/CUDA sources or setup.py changed (a clean build takes minutes on 2 cores).
 stamp="$VENV/.mishkit-build-stamp"

@@ -56,3 +56,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 def saved_bytes(fn, *inputs) -> int:
     """Activation bytes ``fn(*inputs)`` saves for backward (mishkit.memory's one definition)."""
     return saved_tensor_bytes(fn, *inputs).total
+
+
+def assert_same_outputs_and_grads(model, reference, x, reference_params=None):
+    """``model(x)`` and ``reference(x)`` agree in value, input gradient and every parameter
+    gradient (in order); ``reference_params``: its parameters where ``reference`` is a function."""
+    params = list(reference.parameters() if reference_params is None else reference_params)
+    for p in [*model.parameters(), *params]:
+        p.grad = None
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = model(x1), reference(x2)
+    torch.testing.assert_close(y1, y2)
+    grad = torch.randn_like(y1)
+    y1.backward(grad)
+    y2.backward(grad)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    for (name, p1), p2 in zip(model.named_parameters(), params, strict=True):
+        torch.testing.assert_close(p1.grad, p2.grad, msg=name)

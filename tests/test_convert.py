@@ -13,6 +13,8 @@ import mishkit
 import mishkit.nn as mnn
 from mishkit import UntraceableModuleError
 
+from .helpers import PARAMS, assert_same_outputs_and_grads
+
 
 def stack(act, *, channels=4):
     """conv-BN-act twice, then a head; ``act`` builds the activation modules."""
@@ -67,19 +69,6 @@ def clone_weights(src, dst):
     return dst
 
 
-def assert_same_outputs_and_grads(model, reference, x):
-    model.zero_grad(), reference.zero_grad()
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = model(x1), reference(x2)
-    torch.testing.assert_close(y1, y2)
-    grad = torch.randn_like(y1)
-    y1.backward(grad)
-    y2.backward(grad)
-    torch.testing.assert_close(x1.grad, x2.grad)
-    for (name, p1), p2 in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p1.grad, p2.grad, msg=name)
-
-
 @pytest.mark.parametrize(
     "target, params, torch_act",
     [
@@ -111,7 +100,10 @@ def test_converts_every_default_class_and_preserves_mode_dtype_hooks():
     model = nn.Sequential(*acts, nn.Softplus()).double().eval()
     calls = []
     handle = model[0].register_forward_hook(lambda m, i, o: calls.append(o.dtype))
-    model, report = mishkit.convert(model, "mish", report=True)
+    with pytest.warns(UserWarning, match=r"1 activation or norm site.*\n  9: .*Softplus"):
+        model, report = mishkit.convert(model, "mish", report=True)
+    assert report.skipped == [("9", "torch.nn.modules.activation.Softplus (softplus) is not in "
+                                    "replace")]
     assert all(type(m) is mnn.Mish for m in model[:-1]) and type(model[-1]) is nn.Softplus
     assert not model.training and not any(m.training for m in model)
     model(torch.randn(3, dtype=torch.float64))
@@ -209,33 +201,66 @@ def test_functional_inplace_call_on_a_shared_input_is_skipped_with_reason():
     torch.testing.assert_close(model(x), F.relu(x * 2) + 1)
 
 
-def test_untraceable_model_raises_naming_the_part_and_does_not_half_convert():
-    class DataDependent(nn.Module):
-        def forward(self, x):
-            return F.relu(x) if x.sum() > 0 else x
+class DataDependent(nn.Module):
+    def forward(self, x):
+        return F.relu(x) if x.sum() > 0 else x
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.good, self.bad, self.act = CallsFunctional(), DataDependent(), nn.ReLU()
 
-        def forward(self, x):
-            return self.act(self.bad(self.good(x)))
+class GoodAndBad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.good, self.bad, self.act = CallsFunctional(), DataDependent(), nn.ReLU()
 
-    model = Net()
-    with pytest.raises(UntraceableModuleError, match=r"bad \(.*DataDependent\)"):
-        mishkit.convert(model, "mish", functional=True)
+    def forward(self, x):
+        return self.act(self.bad(self.good(x)))
+
+
+def test_strict_untraceable_model_raises_naming_the_part_and_does_not_half_convert():
+    model = GoodAndBad()
+    with pytest.raises(UntraceableModuleError, match=r"bad \(.*DataDependent\).*strict=True"):
+        mishkit.convert(model, "mish", functional=True, strict=True)
     assert type(model.act) is mnn.Mish  # module-level conversion kept
     assert "forward" not in model.good.__dict__  # no functional rewrite anywhere
+    assert "forward" not in model.bad.__dict__
 
 
-def test_forward_branching_on_training_is_refused():
+def test_untraceable_part_is_routed_at_run_time_and_the_rest_rewritten():
+    torch.manual_seed(0)
+    model = GoodAndBad().double()
+    reference = copy.deepcopy(model)
+    model, report = mishkit.convert(model, "mish", functional=True, report=True)
+    assert report.counts["functional"] == 4 and report.counts["runtime"] == 1
+    assert ("bad", "DataDependent.forward calls relu",
+            "mishkit.functional.activation('mish') at run time", "runtime") in report.replaced
+
+    def reference_forward(x):
+        net = reference.good
+        h = F.mish(net.fc1(x))
+        h = F.mish(net.fc2(h)) + F.mish(h)
+        h = F.mish(net.fc2(h))
+        return F.mish(F.mish(h) if h.sum() > 0 else h)
+
+    for sign in (1, -1):  # both branches of the data-dependent forward
+        x = sign * torch.rand(3, 4, dtype=torch.float64)
+        torch.testing.assert_close(model(x), reference_forward(x))
+    # "fx" alone reports the untraceable part instead of routing it
+    _, report = mishkit.convert(GoodAndBad(), "mish", functional="fx", report=True)
+    assert report.counts["runtime"] == 0
+    assert [p for p, r in report.skipped] == ["bad"]
+    assert "relu not converted: torch.fx cannot trace bad" in report.skipped[0][1]
+
+
+def test_forward_branching_on_training_is_refused_by_fx_and_routed_at_run_time():
     class ModeDependent(nn.Module):
         def forward(self, x):
-            return F.relu(x) if self.training else x
+            return F.relu(x) if self.training else F.leaky_relu(x, 0.5)
 
     with pytest.raises(UntraceableModuleError, match=r"self\.training"):
-        mishkit.convert(ModeDependent(), "mish", functional=True)
+        mishkit.convert(ModeDependent(), "mish", functional=True, strict=True)
+    model = mishkit.convert(ModeDependent(), "silu", functional=True)
+    x = torch.randn(6, dtype=torch.float64)
+    torch.testing.assert_close(model.train()(x), F.silu(x))
+    torch.testing.assert_close(model.eval()(x), F.silu(x))
 
 
 # -- BN fusion -------------------------------------------------------------------------------------
@@ -406,8 +431,8 @@ def test_report_lists_paths_types_and_counts():
     _, report = mishkit.convert(EncoderDecoder(nn.ReLU), "mish", include="encoder.*", report=True)
     text = str(report)
     assert "encoder.1: ReLU -> Mish()" in text and "decoder.1: skipped" in text
-    assert report.counts == {"module": 2, "functional": 0, "fused_bn": 0, "fused_bn_add": 0,
-                             "skipped": 1}
+    assert report.counts == {"module": 2, "functional": 0, "runtime": 0, "fused_bn": 0,
+                             "fused_bn_add": 0, "skipped": 1}
 
 
 def test_converting_again_retargets_functional_calls_and_fused_norms():
@@ -445,3 +470,158 @@ def test_fusion_never_bypasses_hooks_and_backend_is_passed_on():
     assert ("1", "norm or activation has hooks") in report.skipped
     assert type(model[4]) is mnn.BatchNormAct2d and model[4].backend == "torch"
     assert model[2].backend == "torch"
+
+
+# -- every registry activation as a target; third-party classes; what gets reported ---------------
+
+
+@pytest.mark.parametrize("name", list(mishkit.ACTIVATIONS))
+def test_every_registry_activation_is_a_convert_target(name):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.GELU()).double()
+    params = PARAMS.get(name, {})
+    model, report = mishkit.convert(model, name, report=True, **params)
+    assert report.counts["module"] == 2 and report.skipped == []
+    spec = mishkit.ACTIVATIONS[name]
+    assert all(isinstance(m, mnn.Activation) and m.activation == name for m in model[1::2])
+    x = torch.randn(3, 4, dtype=torch.float64)
+    expected = model[2](spec.reference(model[0](x), **{**spec.params, **params}))
+    torch.testing.assert_close(model(x), spec.reference(expected, **{**spec.params, **params}))
+
+
+def test_convert_to_gelu_and_back_to_native():
+    model = mishkit.convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True)), "gelu")
+    assert type(model[1]) is mnn.GELU and model[1].inplace
+    mishkit.convert(model, "native")
+    assert type(model[1]) is nn.GELU
+
+
+class FancyGELU(nn.Module):
+    """A third-party-style activation mishkit does not know until it is registered."""
+
+    def forward(self, x):
+        return F.gelu(x, approximate="tanh")
+
+
+def test_unknown_activation_class_is_reported_until_registered():
+    from mishkit.conversion import qualified_name, register_activation
+    from mishkit.conversion.mappings import _MODULES
+
+    model = nn.Sequential(nn.Linear(4, 4), FancyGELU())
+    with pytest.warns(UserWarning, match="1 activation or norm site"):
+        model, report = mishkit.convert(model, "mish", functional=True, report=True)
+    name = qualified_name(FancyGELU)
+    assert report.skipped == [("1", f"{name} looks like an activation, but mishkit does not "
+                                    f"know it: mishkit.conversion.register_activation({name!r}, "
+                                    "...) maps it")]
+    assert report.counts["functional"] == 0  # never traced: its F.gelu is its own
+    try:
+        register_activation(name, "gelu_tanh")
+        model, report = mishkit.convert(model, "mish", report=True)
+        assert type(model[1]) is mnn.Mish and report.replaced[0][1] == "FancyGELU (gelu_tanh)"
+        # and by qualified name in replace, without KNOWN_ACTIVATIONS
+        model = mishkit.convert(nn.Sequential(FancyGELU(), nn.ReLU()), "silu", replace=[name])
+        assert [type(m) for m in model] == [mnn.SiLU, nn.ReLU]
+    finally:
+        del _MODULES[name]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"qualname": "FancyGELU"}, ValueError, "package.module.ClassName"),
+        ({"qualname": "a.B", "activation": "mihs"}, ValueError, "unknown activation"),
+        ({"qualname": "a.B", "gate": True, "reason": "x"}, ValueError, "a gate has no"),
+    ],
+)
+def test_register_activation_rejects_bad_entries(kwargs, error, match):
+    from mishkit.conversion import register_activation
+
+    with pytest.raises(error, match=match):
+        register_activation(**kwargs)
+
+
+def test_untraceable_module_without_norms_or_calls_is_not_reported():
+    class Shapes(nn.Module):  # fx cannot trace it, and it holds nothing to convert
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.fc(x)) if x.shape[0] > int(x.sum() * 0) else x
+
+    _, report = mishkit.convert(Shapes(), "mish", functional=True, fuse_bn=True, report=True)
+    assert report.skipped == [] and report.counts["module"] == 1
+
+
+class ConvBN(nn.Module):
+    """conv + BN in one child; the block adds and activates (the Hugging Face ResNet shape)."""
+
+    def __init__(self, c=3, act=None):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.act = act or nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.norm(self.conv(x)))
+
+
+class SplitBlock(nn.Module):
+    def __init__(self, c=3):
+        super().__init__()
+        self.layer = nn.Sequential(ConvBN(c, nn.ReLU()), ConvBN(c))
+        self.shortcut = ConvBN(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        h = self.layer(x)
+        h += self.shortcut(x)
+        return self.act(h)
+
+
+def test_fuse_bn_across_module_boundaries_and_back():
+    torch.manual_seed(0)
+    block = SplitBlock().double()
+    reference = mishkit.convert(copy.deepcopy(block), "mish")
+    keys = list(block.state_dict())
+    block, report = mishkit.convert(block, "mish", fuse_bn=True, report=True)
+    assert ("layer.1.norm", "BatchNorm2d + add + Mish (across modules)") in [
+        (p, old) for p, old, _, _ in report.replaced]
+    assert report.counts == {"module": 2, "functional": 0, "runtime": 0, "fused_bn": 1,
+                             "fused_bn_add": 1, "skipped": 0}
+    assert type(block.layer[1].norm) is mnn.BatchNormAct2d and list(block.state_dict()) == keys
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    assert_same_outputs_and_grads(block, reference, x)
+    mishkit.convert(block, "native")
+    assert type(block.layer[1].norm) is nn.BatchNorm2d and list(block.state_dict()) == keys
+    block.eval(), reference.eval()
+    torch.testing.assert_close(block(x), reference(x))
+
+
+def test_fuse_bn_across_modules_refuses_shared_or_hooked_children():
+    shared = SplitBlock().double()
+    shared.shortcut = shared.layer[1]  # the same module feeds both operands
+    _, report = mishkit.convert(shared, "mish", fuse_bn=True, report=True)
+    assert report.counts["fused_bn_add"] == 0
+    hooked = SplitBlock().double()
+    hooked.layer[1].register_forward_hook(lambda m, i, o: None)  # would see the moved BN
+    hooked.shortcut.register_forward_hook(lambda m, i, o: None)
+    _, report = mishkit.convert(hooked, "mish", fuse_bn=True, report=True)
+    assert report.counts["fused_bn_add"] == 0
+
+
+def test_tracing_records_buffer_updates_instead_of_running_them():
+    class Counts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x):
+            self.calls.add_(1)
+            return F.relu(x)
+
+    model = mishkit.convert(Counts(), "mish", functional=True)
+    assert model.calls.item() == 0  # two traces ran nothing
+    x = torch.randn(4)
+    torch.testing.assert_close(model(x), F.mish(x))
+    assert model.calls.item() == 1

@@ -11,6 +11,8 @@ import mishkit
 import mishkit.nn as mnn
 from mishkit.registry import ACTIVATIONS
 
+from .helpers import assert_same_outputs_and_grads
+
 # (mishkit module, torch module) built with the same constructor arguments
 DROP_INS = [
     (lambda: mnn.ReLU(), lambda: nn.ReLU()),
@@ -32,14 +34,7 @@ DROP_INS = [
 def test_module_matches_torch_module_forward_and_grad(pair, backend):
     ours, theirs = pair[0](), pair[1]()
     ours.backend = backend
-    x = (torch.randn(3, 5, dtype=torch.float64) * 4).requires_grad_()
-    x_ref = x.detach().clone().requires_grad_()
-    y, y_ref = ours(x), theirs(x_ref)
-    torch.testing.assert_close(y, y_ref)
-    grad = torch.randn_like(y)
-    y.backward(grad)
-    y_ref.backward(grad)
-    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert_same_outputs_and_grads(ours, theirs, torch.randn(3, 5, dtype=torch.float64) * 4)
 
 
 def test_every_registered_activation_has_a_module():
@@ -141,3 +136,16 @@ def test_is_norm_and_fused_bn_reexports():
     assert mnn.is_norm(mnn.BatchNormAct2d(3))
     assert not mnn.is_norm(nn.LayerNorm(3)) and not mnn.is_norm(mnn.Mish())
     assert mishkit.nn.SyncBatchNormAct2d.__name__ == "SyncBatchNormAct2d"
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_get_activation_takes_inplace_and_backend_for_every_name(name):
+    spec = ACTIVATIONS[name]
+    x = torch.linspace(-4, 4, 9, dtype=torch.float64)
+    for inplace in (False, True):
+        module = mnn.get_activation(name, inplace=inplace, backend="torch")
+        assert (module.activation, module.inplace, module.backend) == (name, inplace, "torch")
+        with torch.no_grad():
+            y = module(x.clone())
+        torch.testing.assert_close(y, spec.reference(x, **spec.params))
+    assert "inplace=True" in repr(mnn.get_activation(name, inplace=True))

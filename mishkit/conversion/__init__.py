@@ -1,44 +1,65 @@
 """``mishkit.convert(model, "mish", ...)``: swap a network's activations in place.
 
-Module-level conversion replaces activation children through their parent (keeping hooks and the
-train/eval flag; activations hold no tensors, so device and dtype are untouched). ``functional``
-and ``fuse_bn`` also rewrite forward code with torch.fx (see :mod:`.fx`); every
-graph is traced before any is changed, so an untraceable module leaves no half-rewritten model.
+Steps: activation modules (torch's, mishkit's, and third-party classes known by qualified name,
+:mod:`.mappings`) are replaced through their parent (:mod:`.modules`); with ``functional`` /
+``fuse_bn``, each module's own forward is traced by torch.fx (:mod:`.fx`) and rewritten, BN+act
+pairs are fused (:mod:`.fusion`), and forwards fx cannot trace get the run-time route
+(:mod:`.runtime`) or are reported. Every graph is traced before any is changed, so
+``strict=True`` fails without a half-rewritten model. Nothing is skipped silently: every
+activation or norm site left unconverted is in ``report.skipped`` with its path and reason, and
+a warning counts them.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import itertools
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .. import backends
-from ..batchnorm import BatchNormAct2d, SyncBatchNormAct2d
-from ..batchnorm.modules import HOOK_DICTS
-from ..nn import Activation, from_torch, get_activation, to_torch
+from ..nn import Activation
 from ..registry import get_spec
-from . import fx
+from . import fusion, fx, native, runtime
 from .fx import UntraceableModuleError
+from .mappings import (
+    KNOWN_ACTIVATIONS,
+    NORM_ACT,
+    identify,
+    known_activations,
+    qualified_name,
+    register_activation,
+)
+from .modules import OUTSIDE_SCOPE, Replace, Scope, join, swap_modules
 
-DEFAULT_REPLACE: tuple[type[nn.Module], ...] = (
+DEFAULT_REPLACE: tuple = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.ELU, nn.Hardswish, nn.Mish, Activation,
+    KNOWN_ACTIVATIONS,
 )  # fmt: skip
 NATIVE = "native"
-__all__ = ["DEFAULT_REPLACE", "ConversionReport", "UntraceableModuleError", "convert"]
+FUNCTIONAL_MODES = (False, True, "fx", "runtime")
+KINDS = ("module", "functional", "runtime", "fused_bn", "fused_bn_add")
+__all__ = [
+    "DEFAULT_REPLACE",
+    "KNOWN_ACTIVATIONS",
+    "ConversionReport",
+    "UntraceableModuleError",
+    "convert",
+    "identify",
+    "known_activations",
+    "qualified_name",
+    "register_activation",
+]
 
 
 @dataclass
 class ConversionReport:
     """What :func:`convert` did.
 
-    ``replaced``: (path, old type, new type, kind) with kind module / functional / fused_bn /
-    fused_bn_add (``act(bn(x) + residual)``);
-    ``skipped``: (path, reason).
+    ``replaced``: (path, old, new, kind) with kind module / functional (a rewritten call) /
+    runtime (a forward routed at run time) / fused_bn / fused_bn_add (``act(bn(x) + residual)``);
+    ``skipped``: (path, reason) for every activation or norm site left as it was.
     """
 
     replaced: list[tuple[str, str, str, str]] = field(default_factory=list)
@@ -46,10 +67,10 @@ class ConversionReport:
 
     @property
     def counts(self) -> dict[str, int]:
-        counts = {"module": 0, "functional": 0, "fused_bn": 0, "fused_bn_add": 0,
-                  "skipped": len(self.skipped)}
+        counts = dict.fromkeys(KINDS, 0)
         for *_, kind in self.replaced:
             counts[kind] += 1
+        counts["skipped"] = len(self.skipped)
         return counts
 
     def __str__(self) -> str:
@@ -57,29 +78,6 @@ class ConversionReport:
         lines += [f"{path or '<root>'}: skipped ({reason})" for path, reason in self.skipped]
         lines.append(", ".join(f"{key}={value}" for key, value in self.counts.items()))
         return "\n".join(lines)
-
-
-class _Scope:
-    """include / exclude fnmatch globs on module paths."""
-
-    def __init__(self, include, exclude):
-        self.include, self.exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
-
-    def __call__(self, path: str) -> bool:
-        if self.include is not None and not any(fnmatch.fnmatchcase(path, p) for p in self.include):
-            return False
-        return not any(fnmatch.fnmatchcase(path, p) for p in self.exclude or ())
-
-
-def _patterns(value, what: str) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = [value]
-    value = list(value)
-    if not all(isinstance(p, str) for p in value):
-        raise TypeError(f"convert: {what} must be glob strings, got {value!r}")
-    return value
 
 
 def _resolve(activation, params: dict) -> tuple[str, tuple]:
@@ -99,7 +97,7 @@ def _resolve(activation, params: dict) -> tuple[str, tuple]:
     return spec.name, spec.bind((), params)
 
 
-def _validate(model, replace, backend) -> tuple[type, ...]:
+def _validate(model, replace, backend, functional) -> Replace:
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError(
             "convert: got a TorchScript module; convert the eager nn.Module before scripting it"
@@ -107,258 +105,161 @@ def _validate(model, replace, backend) -> tuple[type, ...]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
     backends.check_backend_name(backend, "convert")
-    replace = tuple(replace) if isinstance(replace, Iterable) else (replace,)
-    for cls in replace:
-        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-            raise TypeError(f"convert: replace must hold nn.Module classes, got {cls!r}")
-    return replace
-
-
-def _children(model: nn.Module):
-    """(path, parent, name, child) for every child slot; a shared module appears at each slot."""
-    for parent_path, parent in model.named_modules():
-        for name, child in parent._modules.items():
-            if child is not None:
-                yield (f"{parent_path}.{name}" if parent_path else name), parent, name, child
-
-
-def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
-    for attr in HOOK_DICTS:
-        if hasattr(old, attr):
-            setattr(new, attr, getattr(old, attr))  # shared: existing handles still remove
-    new.train(old.training)
-    return new
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return any(getattr(module, attr, None) for attr in HOOK_DICTS)
+    if not any(functional is mode or (functional == mode and isinstance(mode, str))
+               for mode in FUNCTIONAL_MODES):
+        raise ValueError(f"convert: functional must be one of {FUNCTIONAL_MODES}, "
+                         f"got {functional!r}")
+    return Replace(replace)
 
 
 def convert(model: nn.Module, activation, *, replace=DEFAULT_REPLACE, include=None, exclude=None,
-            functional: bool = False, fuse_bn: bool = False, backend: str = "auto",
-            report: bool = False, **params):
+            functional: bool | str = False, fuse_bn: bool = False, strict: bool = False,
+            backend: str = "auto", report: bool = False, **params):
     """Replace ``model``'s activations by ``activation`` (a registry name, alias, or ``"native"``).
 
     Parameters go as keywords or in a dict: ``convert(m, "leaky_relu", negative_slope=0.2)`` or
     ``convert(m, {"name": "leaky_relu", "negative_slope": 0.2})``. Works in place and returns the
     model, or ``(model, ConversionReport)`` with ``report=True``.
 
-    - ``replace``: activation classes to swap (default :data:`DEFAULT_REPLACE`; ``Activation``
-      stands for mishkit's own modules, fused norms and rewritten calls).
+    - ``replace``: what to swap (default :data:`DEFAULT_REPLACE`): nn.Module classes, qualified
+      class names, ``KNOWN_ACTIVATIONS`` (Hugging Face / timm / registered classes) and
+      ``Activation`` (mishkit's own modules, fused norms and rewritten calls).
     - ``include`` / ``exclude``: fnmatch globs on module paths (``"decoder.*"``).
-    - ``functional``: also rewrite ``F.relu(x)``, ``torch.relu``, ``x.relu()``, ``F.silu`` ... in
-      forward code (torch.fx); an untraceable module raises UntraceableModuleError first.
-    - ``fuse_bn``: BatchNorm2d / SyncBatchNorm followed by an activation -> (Sync)BatchNormAct2d,
-      in Sequentials (the activation slot becomes Identity) and in traced forwards, where
-      ``act(bn(x) + r)`` (a residual block's end) becomes ``bn(x, residual=r)`` too.
+    - ``functional``: also convert ``F.relu(x)``, ``torch.relu``, ``x.relu()``, ``F.gelu`` ...
+      in forward code: ``True`` rewrites them with torch.fx where it can trace and routes the
+      rest at run time; ``"fx"`` only rewrites (untraceable forwards are reported); ``"runtime"``
+      routes every forward that calls them, without tracing.
+    - ``fuse_bn``: BatchNorm2d / SyncBatchNorm followed by an activation -> (Sync)BatchNormAct2d
+      (see :mod:`.fusion`: Sequentials, traced forwards, residual ends, across modules, timm).
+    - ``strict``: raise UntraceableModuleError (changing nothing traced) when a forward that
+      ``functional`` or ``fuse_bn`` needs cannot be traced, instead of reporting or routing it.
     - ``"native"``: mishkit modules, fused norms and rewritten calls back to plain torch.
     """
-    replace = _validate(model, replace, backend)
+    replace = _validate(model, replace, backend, functional)
     name, bound = _resolve(activation, params)
-    scope, result = _Scope(include, exclude), ConversionReport()
+    scope, result = Scope(include, exclude), ConversionReport()
     if name == NATIVE:
-        _to_native(model, scope, result)
+        native.to_native(model, scope, result)
     else:
-        _swap_modules(model, replace, name, bound, backend, scope, result)
-        if functional or fuse_bn:
-            _rewrite_graphs(model, replace, name, bound, backend, scope, result, functional,
-                            fuse_bn)
-    if not result.replaced and not result.skipped:
-        warnings.warn("mishkit.convert: the model has nothing to convert", UserWarning,
-                      stacklevel=2)
+        swap_modules(model, replace, name, bound, backend, scope, result)
+        if functional is not False or fuse_bn:
+            _Rewrite(model, replace, name, bound, backend, scope, result, functional, fuse_bn,
+                     strict).run()
+    _warn(result, name)
     return (model, result) if report else model
 
 
-def _retarget_fused(model, name, bound, backend, scope, result) -> None:
-    """A fused BN+act is one of mishkit's own activation modules: give it the new activation."""
-    for path, module in model.named_modules():
-        if not isinstance(module, BatchNormAct2d) or not scope(path):
-            continue
-        if (module.activation, module.activation_params, module.backend) == (name, bound, backend):
-            continue
-        old = repr(module)
-        module.activation, module.activation_params, module.backend = name, bound, backend
-        result.replaced.append((path, old, repr(module), "fused_bn"))
-
-
-def _swap_modules(model, replace, name, bound, backend, scope, result) -> None:
-    if issubclass(Activation, replace):
-        _retarget_fused(model, name, bound, backend, scope, result)
-    made: dict[int, nn.Module] = {}  # a module shared by several parents stays shared
-    for path, parent, slot, child in list(_children(model)):
-        if not isinstance(child, replace):
-            continue
-        if not scope(path):
-            result.skipped.append((path, "outside include/exclude"))
-            continue
-        inplace = bool(getattr(child, "inplace", False))
-        new = made.get(id(child))
-        if new is None:
-            new = get_activation(name, **get_spec(name).kwargs(bound), inplace=inplace,
-                                 backend=backend)
-            if new.same_as(child) and child.inplace == inplace:
-                result.skipped.append((path, f"already {type(child).__name__}"))
-                continue
-            new = made[id(child)] = _adopt(new, child)
-        setattr(parent, slot, new)
-        result.replaced.append((path, type(child).__name__, repr(new), "module"))
-
-
-def _rewrite_graphs(model, replace, name, bound, backend, scope, result, functional, fuse_bn):
-    graphs = {}
-    for path, module in model.named_modules():
-        if not scope(path) or not fx.traceable_kind(module):
-            continue
-        try:
-            graphs[path] = (module, fx.module_graph(module, path))
-        except fx.UntraceableModuleError as exc:
-            if functional:  # nothing has been rewritten yet: fail whole
-                raise
-            result.skipped.append((path, f"BN fusion needs torch.fx: {exc}"))
-    if fuse_bn:
-        _fuse_sequentials(model, backend, scope, result)
-    for path, (module, graph) in graphs.items():
-        changed = False
-        if functional:
-            done, skipped = fx.rewrite_functional(graph, module, replace, name, bound,
-                                                          backend)
-            for described, _ in done:
-                result.replaced.append((f"{path}:{described}", described.split()[1],
-                                        f"mishkit.functional.activation({name!r})", "functional"))
-            result.skipped += [(f"{path}:{d}", reason) for d, reason in skipped]
-            changed = bool(done)
-        if fuse_bn and not isinstance(module, nn.Sequential):
-            fuser = _Fuser(module, path, backend, result)
-            done, skipped = fx.fuse_bn(module, graph, fuser, _fusable)
-            result.skipped += [(_join(path, t), reason) for t, reason in skipped]
-            changed = changed or bool(done)
-        if changed:
-            fx.install(module, graph)
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
-
-
-def _fusable(module: nn.Module) -> bool:
-    return type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm)
-
-
-def _fused(bn: nn.Module, name: str, params: tuple, backend: str) -> nn.Module:
-    if type(bn) is nn.SyncBatchNorm:
-        return SyncBatchNormAct2d.from_sync_batchnorm(bn, name, params, backend)
-    return BatchNormAct2d.from_batchnorm(bn, name, params, backend)
-
-
-class _Fuser:
-    """Installs one fused BN+act module inside a traced module and records it in the report."""
-
-    def __init__(self, module, path, backend, result):
-        self.module, self.path, self.backend, self.result = module, path, backend, result
-
-    def __call__(self, target, bn, name, params, act_module=None, residual=False) -> str | None:
-        if _has_hooks(bn) or (act_module is not None and _has_hooks(act_module)):
-            return "the norm or its activation has hooks that fusion would bypass"
-        fused = _fused(bn, name, params, self.backend)
-        self.module.set_submodule(target, fused)
-        act = type(act_module).__name__ if act_module else name
-        old = f"{type(bn).__name__} + add + {act}" if residual else f"{type(bn).__name__} + {act}"
-        kind = "fused_bn_add" if residual else "fused_bn"
-        self.result.replaced.append((_join(self.path, target), old, repr(fused), kind))
-        return None
-
-
-def _fuse_sequentials(model, backend, scope, result) -> None:
-    for path, seq in model.named_modules():
-        if type(seq) is not nn.Sequential:
-            continue
-        keys = list(seq._modules)
-        for first, second in itertools.pairwise(keys):
-            bn, act = seq._modules[first], seq._modules[second]
-            found = from_torch(act) if act is not None else None
-            if not _fusable(bn) or found is None or not scope(_join(path, first)):
-                continue
-            if _has_hooks(bn) or _has_hooks(act):
-                result.skipped.append((_join(path, first), "norm or activation has hooks"))
-                continue
-            fused = _fused(bn, *found, backend)
-            seq._modules[first], seq._modules[second] = fused, nn.Identity()
-            old = f"{type(bn).__name__} + {type(act).__name__}"
-            result.replaced.append((_join(path, first), old, repr(fused), "fused_bn"))
-
-
-def _to_native(model, scope, result) -> None:
-    for path, parent, slot, child in list(_children(model)):
-        if not isinstance(child, Activation):
-            continue
-        if not scope(path):
-            result.skipped.append((path, "outside include/exclude"))
-            continue
-        try:
-            new = to_torch(child.spec.name, child.params, child.inplace)
-        except ValueError as exc:
-            result.skipped.append((path, str(exc)))
-            continue
-        setattr(parent, slot, _adopt(new, child))
-        result.replaced.append((path, type(child).__name__, repr(new), "module"))
-    _unfuse(model, scope, result)
-    _native_functional(model, scope, result)
-    if result.skipped:
+def _warn(result: ConversionReport, name: str) -> None:
+    notable = [(p, r) for p, r in result.skipped
+               if r != OUTSIDE_SCOPE and not r.startswith("already ")]
+    if notable:
+        shown = "\n".join(f"  {path or '<root>'}: {reason}" for path, reason in notable[:10])
+        more = f"\n  ... and {len(notable) - 10} more" if len(notable) > 10 else ""
         warnings.warn(
-            "mishkit.convert(..., 'native') left some modules unconverted:\n"
-            + "\n".join(f"  {p}: {r}" for p, r in result.skipped), UserWarning, stacklevel=3)
+            f"mishkit.convert(..., {name!r}): {len(notable)} activation or norm site(s) were not "
+            f"converted (convert(..., report=True) lists them all):\n{shown}{more}",
+            UserWarning, stacklevel=3)
+    elif not result.replaced and not result.skipped:
+        warnings.warn("mishkit.convert: the model has nothing to convert", UserWarning,
+                      stacklevel=3)
 
 
-def _native_functional(model, scope, result) -> None:
-    """mishkit functional calls in rewritten forwards -> the equivalent torch function calls."""
-    for path, module in model.named_modules():
-        installed = module.__dict__.get("forward")
-        if not isinstance(installed, fx.RewrittenForward) or not scope(path):
-            continue
-        graph, changed = fx.module_graph(module, path), False
-        for node in fx.mishkit_activation_calls(graph):
-            where = f"{path}:{fx.describe(node)}"
-            try:
-                make = fx.native_call(*fx.call_activation(node, module))
-            except ValueError as exc:
-                result.skipped.append((where, str(exc)))
+class _Rewrite:
+    """The functional / fuse_bn half of convert: trace, then rewrite, fuse and route."""
+
+    def __init__(self, model, replace, name, bound, backend, scope, result, functional, fuse_bn,
+                 strict):
+        self.model, self.replace, self.name, self.bound = model, replace, name, bound
+        self.backend, self.scope, self.result = backend, scope, result
+        self.functional, self.fuse_bn, self.strict = functional, fuse_bn, strict
+        self.graphs = fx.Graphs()
+
+    def run(self) -> None:
+        routes = self._trace_all()
+        if self.fuse_bn:
+            fusion.fuse_sequentials(self.model, self.backend, self.scope, self.result)
+            fusion.fuse_norm_acts(self.model, self.backend, self.scope, self.result)
+        across = fusion.CrossBoundary(self.model, self.graphs, self.backend, self.scope,
+                                        self.result)
+        for path, (module, graph) in list(self.graphs.traced.items()):
+            if self._rewrite(module, path, graph, across):
+                self.graphs.dirty.add(path)
+                runtime.uninstall(module)  # a rewritten graph replaces an earlier route
+        self.graphs.install_changed()
+        for path, module, names in routes:
+            if runtime.install(module, self.replace.classes, self.name, self.bound,
+                               self.backend, names):
+                self.result.replaced.append(
+                    (path, f"{type(module).__name__}.forward calls {', '.join(names)}",
+                     module.forward.describe(), "runtime"))
+
+    def _candidates(self):
+        """Modules whose own forward may hold calls to rewrite: user code, not an activation
+        site, gate or known norm-act module (those are units)."""
+        for path, module in self.model.named_modules():
+            if (self.scope(path) and fx.traceable_kind(module) and identify(module) is None
+                    and qualified_name(module) not in NORM_ACT):
+                yield path, module
+
+    def _trace_all(self) -> list:
+        """Trace every forward that may need it; returns the forwards to route at run time."""
+        routes = []
+        for path, module in self._candidates():
+            installed = isinstance(module.__dict__.get("forward"), fx.RewrittenForward)
+            references = (runtime.activation_references(module, self.replace.covers_class)
+                          if self.functional is not False else [])
+            if self.functional == "runtime" and not installed and not self.fuse_bn:
+                if references:
+                    routes.append((path, module, references))
                 continue
-            with graph.inserting_after(node):
-                new = make(graph, node.args[0])
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
-            changed = True
-            result.replaced.append((where, "mishkit.functional.activation",
-                                    f"torch.nn.functional.{new.target.__name__}", "functional"))
-        if changed:
-            fx.install(module, graph)
+            try:
+                self.graphs.add(path, module, fx.module_graph(module, path))
+            except UntraceableModuleError as exc:
+                norms = ([n for n, c in module.named_children() if fusion.fusable(c)]
+                         if self.fuse_bn else [])
+                if self.strict and (references or norms):
+                    raise UntraceableModuleError(
+                        f"{exc}. strict=True: nothing was rewritten or routed (module-level "
+                        "conversion was kept); make it traceable, or convert without strict"
+                    ) from exc
+                for norm in norms:
+                    self.result.skipped.append(
+                        (join(path, norm), f"not fused: its parent's forward cannot be traced "
+                                           f"({exc})"))
+                if references:
+                    self._untraceable_calls(path, module, references, exc, routes)
+                continue
+            if self.functional == "runtime" and not installed and references:
+                routes.append((path, module, references))
+        return routes
 
-
-def _unfuse(model, scope, result) -> None:
-    """BatchNormAct2d -> BatchNorm2d plus a torch activation after it."""
-    for path, parent, slot, child in list(_children(model)):
-        if not isinstance(child, BatchNormAct2d) or not scope(path):
-            continue
-        name, params = child.activation, child.activation_params
-        try:
-            to_torch(name, params)
-        except ValueError as exc:
-            result.skipped.append((path, str(exc)))
-            continue
-        bn, name, params = child.to_batchnorm()
-        keys = list(parent._modules)
-        after = keys[keys.index(slot) + 1] if slot != keys[-1] else None
-        if isinstance(parent, nn.Sequential) and type(parent._modules.get(after)) is nn.Identity:
-            parent._modules[slot], parent._modules[after] = bn, to_torch(name, params)
+    def _untraceable_calls(self, path, module, references, exc, routes) -> None:
+        composites = runtime.composite_references(module)
+        if self.functional == "fx":
+            reason = f"functional calls {', '.join(references)} not converted: {exc}"
+        elif composites:
+            reason = (f"functional calls {', '.join(references)} not converted: {exc}; the "
+                      f"run-time route would also rewrite inside {', '.join(composites)}")
         else:
-            try:
-                graph = fx.module_graph(parent, path.rpartition(".")[0])
-            except fx.UntraceableModuleError as exc:
-                result.skipped.append((path, f"cannot place the activation after it: {exc}"))
-                continue
-            setattr(parent, slot, bn)
-            for node in [n for n in graph.nodes if n.op == "call_module" and n.target == slot]:
-                fx.unfuse_call(graph, node, fx.native_call(name, params))
-            fx.install(parent, graph)
-        result.replaced.append((path, type(child).__name__, f"{type(bn).__name__} + {name}",
-                                "fused_bn"))
+            routes.append((path, module, references))
+            return
+        self.result.skipped.append((path, reason))
+
+    def _rewrite(self, module, path, graph, across) -> bool:
+        changed = False
+        installed = isinstance(module.__dict__.get("forward"), fx.RewrittenForward)
+        if self.functional in (True, "fx") or (self.functional == "runtime" and installed):
+            done, skipped = fx.rewrite_functional(graph, module, self.replace, self.name,
+                                                  self.bound, self.backend)
+            for described, _ in done:
+                self.result.replaced.append(
+                    (f"{path}:{described}", described.split()[1],
+                     f"mishkit.functional.activation({self.name!r})", "functional"))
+            self.result.skipped += [(f"{path}:{d}", reason) for d, reason in skipped]
+            changed = bool(done)
+        if self.fuse_bn and not isinstance(module, nn.Sequential):
+            fuser = fusion.GraphFuser(module, path, self.backend, self.result)
+            done, skipped = fx.fuse_bn(module, graph, fuser, fusion.fusable)
+            self.result.skipped += [(join(path, t), reason) for t, reason in skipped]
+            changed = across(module, path, graph) or bool(done) or changed
+        return changed

@@ -1,25 +1,36 @@
 """The torch.fx half of :func:`mishkit.convert`: functional activation calls and BN→act fusion.
 
 Granularity: each user-defined module is traced *shallowly* (every child is a leaf), so a graph
-holds exactly that module's own ``forward``. A rewritten graph is installed as the instance's
-``forward`` (:class:`RewrittenForward`) instead of swapping the module for a ``GraphModule``: the
-module keeps its class, attributes, hooks, parameters and state_dict keys, and the root can be
-converted in place too. Converting again rewrites the installed graph, never the original code.
+holds exactly that module's own ``forward``, and a module fx cannot trace costs only its own
+code. A rewritten graph is installed as the instance's ``forward`` (:class:`RewrittenForward`)
+instead of swapping the module for a ``GraphModule``: the module keeps its class, attributes,
+hooks, parameters and state_dict keys, and the root can be converted in place too. Converting
+again rewrites the installed graph, never the original code.
+
+Plain helper functions stay one call node ("leaves") when they are known activations or gates
+(:mod:`.mappings`: never rewritten inside), and when tracing fails inside a module-level helper
+called from forward (e.g. padding computed with ``int(x.shape[-1])``): the trace is retried
+with that helper as a leaf, which runs on real tensors at run time exactly as before.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import itertools
 import operator
+import types
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.utils import _pytree
 
 from .. import functional
 from ..nn import Activation, from_torch
 from ..registry import get_spec
+from .mappings import known_function
 
 
 class UntraceableModuleError(RuntimeError):
@@ -27,6 +38,10 @@ class UntraceableModuleError(RuntimeError):
 
 
 class _ShallowTracer(fx.Tracer):
+    # buffers as graph inputs: a forward's buffer updates (a BN's num_batches_tracked.add_) are
+    # recorded, not run at trace time
+    proxy_buffer_attributes = True
+
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return True
 
@@ -59,35 +74,111 @@ def traceable_kind(module: nn.Module) -> bool:
     return not name.startswith(("torch.", "mishkit."))
 
 
+MAX_LEAF_RETRIES = 8  # helpers made leaves, one per failed trace, before giving up
+
+
 def module_graph(module: nn.Module, path: str) -> fx.Graph:
-    """A private copy of ``module``'s forward graph; UntraceableModuleError names what failed."""
+    """A private copy of ``module``'s forward graph; UntraceableModuleError says what failed."""
     installed = module.__dict__.get("forward")
     if isinstance(installed, RewrittenForward):
         return _copy(installed.graph)
     where = f"{path or '<root>'} ({type(module).__qualname__})"
+    leaves = _known_leaves(module)
     modes = {m: m.training for m in module.modules()}
     try:
-        codes = []
-        for training in (True, False):
-            module.train(training)
-            graph = _ShallowTracer().trace(module)
-            codes.append(graph.python_code(root_module="self").src)
-    except Exception as exc:
-        raise UntraceableModuleError(
-            f"torch.fx cannot trace {where}: {type(exc).__name__}: {exc}. Its module-level "
-            "conversion was kept and no functional call anywhere was rewritten; make its forward "
-            "traceable, or convert without functional=True / fuse_bn=True."
-        ) from exc
+        for _ in range(MAX_LEAF_RETRIES + 1):
+            try:
+                codes = []
+                for training in (True, False):
+                    module.train(training)
+                    graph = _trace_with_leaves(module, leaves)
+                    codes.append(graph.python_code(root_module="self").src)
+                break
+            except Exception as exc:
+                helper = _failing_helper(exc)
+                if helper is None or any(helper[0] is space and helper[1] == name
+                                         for space, name, _ in leaves):
+                    raise UntraceableModuleError(
+                        f"torch.fx cannot trace {where}: {type(exc).__name__}: {exc}"
+                    ) from exc
+                leaves.append(helper)
+        else:
+            raise UntraceableModuleError(
+                f"torch.fx cannot trace {where}: still failing after {MAX_LEAF_RETRIES} helpers "
+                "were made leaves"
+            )
     finally:
         for m, training in modes.items():
             m.training = training
     if codes[0] != codes[1]:
         raise UntraceableModuleError(
             f"torch.fx cannot trace {where}: its forward branches on self.training, which a traced "
-            "graph would freeze. Its module-level conversion was kept and no functional call "
-            "anywhere was rewritten."
+            "graph would freeze"
         )
     return graph
+
+
+def _leaf(fn: Callable) -> Callable:
+    """``fn`` recorded as one call node when any argument is traced, else called as is."""
+
+    @functools.wraps(fn)
+    def leaf(*args, **kwargs):
+        for value in _pytree.tree_leaves((args, kwargs)):
+            if isinstance(value, fx.Proxy):
+                return value.tracer.create_proxy("call_function", fn, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return leaf
+
+
+def _forward_function(module: nn.Module):
+    return inspect.unwrap(type(module).forward)
+
+
+def _known_leaves(module: nn.Module) -> list[tuple[dict, str, Callable]]:
+    """(namespace, name, function) of known activation / gate functions forward can reach."""
+    leaves = []
+    namespace = getattr(_forward_function(module), "__globals__", {})
+    for space in (namespace, module.__dict__):
+        for name, value in list(space.items()):
+            if isinstance(value, types.FunctionType) and known_function(value) is not None:
+                leaves.append((space, name, value))
+    return leaves
+
+
+def _trace_with_leaves(module: nn.Module, leaves) -> fx.Graph:
+    saved = [(space, name, space[name]) for space, name, _ in leaves]
+    try:
+        for space, name, fn in leaves:
+            space[name] = _leaf(fn)
+        return _ShallowTracer().trace(module)
+    finally:
+        for space, name, value in saved:
+            space[name] = value
+
+
+def _failing_helper(exc: BaseException) -> tuple[dict, str, Callable] | None:
+    """The module-level function, called by name from user code, in which tracing failed."""
+    frames = [frame for frame, _ in _walk(exc.__traceback__)]
+    for caller, frame in itertools.pairwise(frames):
+        if _is_library_code(caller.f_globals):
+            continue
+        name = frame.f_code.co_name
+        fn = caller.f_globals.get(name)
+        if (isinstance(fn, types.FunctionType) and fn.__code__ is frame.f_code
+                and fn.__qualname__ == name and not _is_library_code(fn.__globals__)):
+            return caller.f_globals, name, fn
+    return None
+
+
+def _walk(tb):
+    while tb is not None:
+        yield tb.tb_frame, tb.tb_lineno
+        tb = tb.tb_next
+
+
+def _is_library_code(namespace: dict) -> bool:
+    return str(namespace.get("__name__", "")).startswith(("torch.", "mishkit.", "builtins"))
 
 
 def install(module: nn.Module, graph: fx.Graph) -> None:
@@ -124,6 +215,14 @@ def _is_call(node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method")
 
 
+def hashable(target) -> bool:
+    try:
+        hash(target)
+    except TypeError:
+        return False
+    return True
+
+
 def _first_input(node: fx.Node):
     return node.args[0] if node.args else node.kwargs.get("input")
 
@@ -136,29 +235,39 @@ def _is_inplace(node: fx.Node, index: int | None, always: bool) -> bool:
     return bool(node.kwargs.get("inplace", False))
 
 
-def rewrite_functional(graph: fx.Graph, module: nn.Module, replace: tuple[type, ...], name: str,
+def rewrite_functional(graph: fx.Graph, module: nn.Module, replace, name: str,
                        params: tuple, backend: str) -> tuple[list, list]:
-    """Point functional activation calls whose torch class is in ``replace`` to mishkit ``name``.
+    """Point functional activation calls that ``replace`` covers to mishkit ``name``.
 
+    ``replace`` is the conversion's matcher (``covers_class(cls)``, ``covers_known(known)``).
     mishkit's own rewritten calls count as :class:`mishkit.nn.Activation`, so converting again to
-    another activation retargets them, and to the same one changes nothing. Returns ``(done,
-    skipped)`` lists of ``(description, reason)``. An in-place call is rewritten out of place only
-    when nothing else reads its input (otherwise the program relied on the mutation).
+    another activation retargets them, and to the same one changes nothing. Known third-party
+    activation functions are rewritten whole. Returns ``(done, skipped)`` lists of
+    ``(description, reason)``. An in-place call is rewritten out of place only when nothing else
+    reads its input (otherwise the program relied on the mutation).
     """
     done, skipped = [], []
     make = mishkit_call(name, params, backend)
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is functional.activation:
-            if not issubclass(Activation, replace) or (
+            if not replace.covers_class(Activation) or (
                 call_activation(node, module) == (get_spec(name).name, params)
                 and node.kwargs.get("backend") == backend
             ):
                 continue
             index, always = None, False
-        elif _is_call(node) and node.target in FUNCTIONAL_CALLS:
+        elif _is_call(node) and hashable(node.target) and node.target in FUNCTIONAL_CALLS:
             torch_class, index, always = FUNCTIONAL_CALLS[node.target]
-            if not issubclass(torch_class, replace):
+            if not replace.covers_class(torch_class):
                 continue
+        elif node.op == "call_function" and (known := known_function(node.target)) is not None:
+            if known.gate:
+                continue
+            if known.reason is not None or not replace.covers_known(known):
+                reason = known.reason or f"{known.qualname} is not in replace"
+                skipped.append((describe(node), reason))
+                continue
+            index, always = 1, False  # timm's convention: fn(x, inplace=False)
         else:
             continue
         described = describe(node)
@@ -297,6 +406,50 @@ def fuse_bn(module: nn.Module, graph: fx.Graph, fuse: Callable, fusable: Callabl
     return done, skipped
 
 
+def output_source(graph: fx.Graph, module: nn.Module) -> fx.Node | None:
+    """The ``call_module`` node whose value ``graph`` returns (looking through nn.Identity),
+    when every node on the way has that one use; else None."""
+    (output,) = graph.find_nodes(op="output")
+    value = output.args[0]
+    while isinstance(value, fx.Node) and value.op == "call_module" and len(value.users) == 1:
+        if type(module.get_submodule(value.target)) is not nn.Identity:
+            return value if len(value.args) == 1 and not value.kwargs else None
+        value = value.args[0] if len(value.args) == 1 else None
+    return None
+
+
+def residual_add_end(add: fx.Node, module: nn.Module):
+    """``(operand, other, act)`` when ``add`` ends ``act(operand + other)`` with ``operand`` the
+    output of a child module call used only by the add, and the sum used only by ``act``."""
+    if not _is_call(add) or add.target not in _ADDS or add.kwargs or len(add.args) != 2:
+        return None
+    act = _sole_user(add)
+    if act is None or call_activation(act, module) is None:
+        return None
+    for operand, other in (add.args, add.args[::-1]):
+        if (isinstance(operand, fx.Node) and operand.op == "call_module"
+                and isinstance(other, fx.Node) and other.op != "get_attr"
+                and operand is not other and len(operand.users) == 1):
+            return operand, other, act
+    return None
+
+
+def bypass(graph: fx.Graph, node: fx.Node) -> None:
+    """Remove the one-input call ``node``: its users read its input instead."""
+    node.replace_all_uses_with(node.args[0])
+    graph.erase_node(node)
+
+
+def fuse_residual_call(graph: fx.Graph, add: fx.Node, operand: fx.Node, other: fx.Node,
+                       act: fx.Node, target: str) -> None:
+    """``act(operand + other)`` -> ``target(operand, residual=other)`` at the activation's place."""
+    with graph.inserting_before(act):
+        fused = graph.call_module(target, (operand,), {"residual": other})
+    act.replace_all_uses_with(fused)
+    graph.erase_node(act)
+    graph.erase_node(add)
+
+
 def unfuse_call(graph: fx.Graph, node: fx.Node, make_activation: Callable) -> None:
     """Undo :func:`fuse_bn` for one call of a norm module: ``act(node [+ residual])`` after it."""
     residual = node.kwargs.get("residual")
@@ -308,3 +461,28 @@ def unfuse_call(graph: fx.Graph, node: fx.Node, make_activation: Callable) -> No
     with graph.inserting_after(added or node):
         act = make_activation(graph, added or node)
     node.replace_all_uses_with(act, delete_user_cb=lambda user: user not in (act, added))
+
+
+class Graphs:
+    """Traced graphs by module path, traced at most once, and which ones were changed."""
+
+    def __init__(self):
+        self.traced: dict[str, tuple[nn.Module, fx.Graph]] = {}
+        self.dirty: set[str] = set()
+
+    def add(self, path: str, module: nn.Module, graph: fx.Graph) -> None:
+        self.traced[path] = (module, graph)
+
+    def get(self, path: str, module: nn.Module) -> fx.Graph | None:
+        """``module``'s graph (traced now if need be); None where fx cannot trace it."""
+        if path not in self.traced:
+            try:
+                self.traced[path] = (module, module_graph(module, path))
+            except UntraceableModuleError:
+                return None
+        return self.traced[path][1]
+
+    def install_changed(self) -> None:
+        for path in sorted(self.dirty):
+            install(*self.traced[path])
+        self.dirty.clear()

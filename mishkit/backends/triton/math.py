@@ -25,6 +25,7 @@ LOG_2 = tl.constexpr(math.log(2.0))
 TANH_LOG_2 = tl.constexpr(0.6)  # tanh(log 2) = 3/5 exactly
 SELU_ALPHA = tl.constexpr(1.6732632423543772848170429916717)
 SELU_SCALE = tl.constexpr(1.0507009873554804934193349852946)
+QUICK_GELU_COEF = tl.constexpr(1.702)
 # beyond x = 20 the mish/tanhexp corrections are below float64 resolution (registry does the same)
 SATURATION = tl.constexpr(20.0)
 # series lengths: truncation error < 1e-17 relative, i.e. below float64 rounding
@@ -289,16 +290,31 @@ def selu_derivative(x, p0, p1):
     return _const(SELU_SCALE, x) * tl.where(x > 0.0, 1.0, _const(SELU_ALPHA, x) * tl.exp(x))
 
 
+@triton.jit
+def quick_gelu_forward(x, p0, p1):
+    return _neg_inf_limit(x, x * _sigmoid(_const(QUICK_GELU_COEF, x) * x), 0.0)
+
+
+@triton.jit
+def quick_gelu_derivative(x, p0, p1):
+    k = _const(QUICK_GELU_COEF, x)
+    s = _sigmoid(k * x)
+    # (x s) first: k x alone may overflow where s has already underflowed to 0
+    return _inf_limits(x, s + (x * s) * (k * _sigmoid(-k * x)), 0.0, 1.0)
+
+
 # -- selection: one id per activation, resolved at compile time (constexpr) ---------------------
 MISH, SILU, GELU, GELU_TANH, HARDSWISH = (tl.constexpr(i) for i in range(5))
 HARDMISH, SOFTPLUS, TANHEXP, SERF, SMISH = (tl.constexpr(i) for i in range(5, 10))
 LOGISH, RELU, LEAKY_RELU, ELU, SELU = (tl.constexpr(i) for i in range(10, 15))
+QUICK_GELU = tl.constexpr(15)
 
 ACTIVATION_IDS: dict[str, int] = {
     "mish": MISH.value, "silu": SILU.value, "gelu": GELU.value, "gelu_tanh": GELU_TANH.value,
     "hardswish": HARDSWISH.value, "hardmish": HARDMISH.value, "softplus": SOFTPLUS.value,
     "tanhexp": TANHEXP.value, "serf": SERF.value, "smish": SMISH.value, "logish": LOGISH.value,
     "relu": RELU.value, "leaky_relu": LEAKY_RELU.value, "elu": ELU.value, "selu": SELU.value,
+    "quick_gelu": QUICK_GELU.value,
 }  # fmt: skip
 
 
@@ -333,9 +349,11 @@ def forward_math(x, p0, p1, ACT: tl.constexpr):
         y = leaky_relu_forward(x, p0, p1)
     elif ACT == ELU:
         y = elu_forward(x, p0, p1)
-    else:
-        tl.static_assert(ACT == SELU, "unknown activation id")
+    elif ACT == SELU:
         y = selu_forward(x, p0, p1)
+    else:
+        tl.static_assert(ACT == QUICK_GELU, "unknown activation id")
+        y = quick_gelu_forward(x, p0, p1)
     return y
 
 
@@ -370,7 +388,9 @@ def derivative_math(x, p0, p1, ACT: tl.constexpr):
         d = leaky_relu_derivative(x, p0, p1)
     elif ACT == ELU:
         d = elu_derivative(x, p0, p1)
-    else:
-        tl.static_assert(ACT == SELU, "unknown activation id")
+    elif ACT == SELU:
         d = selu_derivative(x, p0, p1)
+    else:
+        tl.static_assert(ACT == QUICK_GELU, "unknown activation id")
+        d = quick_gelu_derivative(x, p0, p1)
     return d
