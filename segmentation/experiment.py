@@ -41,16 +41,17 @@ def _max_iters(cfg: Config) -> int | None:
     return t.max_iters or (t.num_epoch * t.epoch_iters if t.epoch_iters else None)
 
 
-def _missing(state: RunState, out: Path, active: dict, failures: dict, cfg: Config) -> dict:
+def _missing(state: RunState, out: Path, jobs: dict, failures: dict, cfg: Config) -> dict:
     folder = state.spec.folder(out)
     key = run_key(state.spec, out)
     entry = {"run": state.spec.label, "folder": str(folder)}
     total = _max_iters(cfg)
     progress = (f"checkpointed; last logged iteration {state.iteration}"
                 + (f" of {total}" if total else "")) if state.status == "partial" else ""
-    if key in active:
-        job_id, job_state = active[key]
-        return {**entry, "state": f"{job_state.lower()} (job {job_id})", "detail": progress}
+    job = jobs.get(key)
+    if job and job["active"]:
+        return {**entry, "state": f"{job['state'].lower()} (job {job['job_id']})",
+                "detail": progress}
     failure = failures.get(key)
     error_file = folder / "error.txt"
     if failure is not None or error_file.is_file():
@@ -58,15 +59,20 @@ def _missing(state: RunState, out: Path, active: dict, failures: dict, cfg: Conf
             encoding="utf-8").strip().splitlines()[-1]
         where = failure.log_path if failure and failure.log_path else str(error_file)
         return {**entry, "state": "failed", "detail": f"{message} (log: {where})"}
+    if job:  # ended without a result or a Python error: killed, out of memory, node failure
+        return {**entry, "state": "failed",
+                "detail": f"job {job['job_id']} ended {job['state']} (log: {job['stderr']}); "
+                          "submitted again when the command is repeated"}
     if state.status == "partial":
         return {**entry, "state": "interrupted", "detail": progress + "; resumes when run again"}
     return {**entry, "state": "not started", "detail": ""}
 
 
-def gather(cfg: Config, out: Path, name: str, *, active: dict | None = None,
+def gather(cfg: Config, out: Path, name: str, *, jobs: dict | None = None,
            failures: Sequence[Failure] = (), wall_time_s: float | None = None,
            throughput_note: str = "") -> dict:
-    """The report from every finished run; the others are listed as missing."""
+    """The report from every finished run; the others are listed as missing (``jobs``: the
+    submitit launcher's job states, to say which are queued, running or ended badly)."""
     from .engine.analysis import analyse, select_learning_rates
     from .engine.equivalence import same_function_groups
     from .engine.perimage import per_image_comparison
@@ -76,7 +82,7 @@ def gather(cfg: Config, out: Path, name: str, *, active: dict | None = None,
     states = [run_state(cfg, spec, out) for spec in specs]
     records = [state.record for state in states if state.status == "finished"]
     failed = {run_key(f.spec, out): f for f in failures}
-    missing = [_missing(state, out, active or {}, failed, cfg) for state in states
+    missing = [_missing(state, out, jobs or {}, failed, cfg) for state in states
                if state.status != "finished"]
     exp = cfg.EXPERIMENT
     arms = [dict(arm) for arm in exp.arms]
@@ -225,11 +231,10 @@ def _run(args, cfg: Config, out: Path, ctx: DistContext, jobs: int) -> int:
             print(f"submitted {state.spec.label}: job {job.job_id}")
         if args.wait:
             failures = launcher.wait([st.spec for st in todo], submitted)
-        active = launcher.active()
     exclusive = cfg.EXPERIMENT.slurm.exclusive
     note = (f"Slurm jobs {'with' if exclusive else 'without'} exclusive nodes"
             + ("." if exclusive else ": other users' jobs may have shared a node."))
-    report = gather(cfg, out, args.cfg, active=active, failures=failures,
+    report = gather(cfg, out, args.cfg, jobs=launcher.states(), failures=failures,
                     wall_time_s=time.perf_counter() - start, throughput_note=note)
     return _print_report(out, report, failed=bool(failures))
 

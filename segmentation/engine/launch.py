@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
+import sys
 import time
 import traceback
 from collections.abc import Sequence
@@ -94,6 +96,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         setup_logging(ctx.is_main)
         try:
             return train_run(self.cfg_dict, self.spec_dict, self.out, ctx)
+        except Exception as error:
+            if ctx.is_main:  # the report names it; submitit keeps the job's own log too
+                _record_failure(RunSpec(**self.spec_dict), Path(self.out), error)
+            raise
         finally:
             cleanup()
 
@@ -132,8 +138,8 @@ def sbatch_preview(cfg: Config, folder: Path) -> str:
 
     params = slurm_parameters(cfg)
     params["map_count"] = None
-    return _make_sbatch_string(command="python -u -m submitit.core._submit " + str(folder),
-                               folder=folder, **params)
+    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {folder}"
+    return _make_sbatch_string(command=command, folder=folder, **params)
 
 
 class SubmititLauncher:
@@ -174,14 +180,20 @@ class SubmititLauncher:
             return "RUNNING"
         return submitit.SlurmJob(folder=self.folder, job_id=job_id).state
 
-    def active(self) -> dict[str, tuple[str, str]]:
-        """Folder key -> (job id, state) of submitted jobs that are still queued or running."""
+    def states(self) -> dict[str, dict]:
+        """Folder key -> {job_id, state, stderr, active} of every job submitted so far."""
         found = {}
         for key, entry in self.submitted().items():
             state = self.job_state(entry["job_id"])
-            if state.split(" ")[0] in ACTIVE_STATES:
-                found[key] = (entry["job_id"], state)
+            found[key] = {"job_id": entry["job_id"], "state": state,
+                          "stderr": entry.get("stderr"),
+                          "active": state.split(" ")[0] in ACTIVE_STATES}
         return found
+
+    def active(self) -> dict[str, tuple[str, str]]:
+        """Folder key -> (job id, state) of submitted jobs that are still queued or running."""
+        return {key: (job["job_id"], job["state"]) for key, job in self.states().items()
+                if job["active"]}
 
     def submit(self, specs: Sequence[RunSpec]) -> list[submitit.Job]:
         """One job per run, as one array; their ids are added to ``jobs.json``."""

@@ -195,7 +195,7 @@ def test_config_rejects_bad_experiment_sections(synthetic_root):
         tiny_experiment_cfg(synthetic_root, "EXPERIMENT.seeds", "[1, 1]")
     with pytest.raises(ConfigError, match=r"arms\[0\] \(a\): unknown activation 'mush'"):
         tiny_experiment_cfg(synthetic_root, arms=[{"name": "a", "activation": "mush"}])
-    with pytest.raises(ConfigError, match="slurm.extra entries"):
+    with pytest.raises(ConfigError, match=r"slurm\.extra entries"):
         tiny_experiment_cfg(synthetic_root, "EXPERIMENT.slurm.extra", "['--qos high']")
 
 

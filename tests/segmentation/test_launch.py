@@ -52,7 +52,7 @@ def test_preempted_job_is_requeued_and_resumes_to_the_same_result(tmp_path, synt
     assert record["loss_curve"] == reference["loss_curve"]
 
     # The report gathers what finished and names what did not.
-    report = gather(cfg, out, "tiny", active=launcher.active())
+    report = gather(cfg, out, "tiny", jobs=launcher.states())
     assert report["meta"]["finished_runs"] == 1
     assert [m["run"] for m in report["missing"]] == ["relu seed 0"]
     assert report["missing"][0]["state"] == "not started"
