@@ -91,7 +91,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.cfg_dict, self.spec_dict, self.out = cfg_dict, spec_dict, out
 
     def __call__(self) -> dict:
-        submitit.helpers.TorchDistributedEnvironment().export(overwrite=True)
+        # CUDA_VISIBLE_DEVICES stays as slurm set it: with every GPU of the node visible the
+        # rank takes GPU local_rank, with one GPU bound per task it takes that one.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
+                                                              overwrite=True)
         ctx = init_distributed(self.cfg_dict["TRAIN"]["device"])
         setup_logging(ctx.is_main)
         try:

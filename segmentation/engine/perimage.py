@@ -12,11 +12,11 @@ analysis measures.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .logging import read_metrics
 from .stats import bootstrap_mean_interval
 
 PER_IMAGE_FILE = "per_image.jsonl"
@@ -29,28 +29,25 @@ class PerImageError(ValueError):
 
 
 def read_per_image(path: Path) -> dict[str, dict]:
-    """Image -> its record; every line checked against the record format."""
+    """Image -> its record; every record checked against the format."""
+    try:
+        lines = read_metrics(path)
+    except ValueError as err:  # a line that is not JSON, named by file and line
+        raise PerImageError(str(err)) from None
     records: dict[str, dict] = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PerImageError(f"{path}:{number}: not a JSON record ({err})") from None
-            missing = [key for key in _REQUIRED if key not in record]
-            if missing:
-                raise PerImageError(f"{path}:{number}: record lacks {missing}")
-            for key in PER_IMAGE_METRICS:
-                value = record[key]
-                if value is not None and not (isinstance(value, (int, float))
-                                              and math.isfinite(value)):
-                    raise PerImageError(f"{path}:{number}: {key} must be a number or null, "
-                                        f"got {value!r}")
-            if record["image"] in records:
-                raise PerImageError(f"{path}:{number}: image {record['image']!r} appears twice")
-            records[record["image"]] = record
+    for number, record in enumerate(lines, 1):
+        where = f"{path}: record {number}"
+        missing = [key for key in _REQUIRED if key not in record]
+        if missing:
+            raise PerImageError(f"{where} lacks {missing}")
+        for key in PER_IMAGE_METRICS:
+            value = record[key]
+            if value is not None and not (isinstance(value, (int, float))
+                                          and math.isfinite(value)):
+                raise PerImageError(f"{where}: {key} must be a number or null, got {value!r}")
+        if record["image"] in records:
+            raise PerImageError(f"{where}: image {record['image']!r} appears twice")
+        records[record["image"]] = record
     return records
 
 

@@ -167,16 +167,19 @@ def _last_logged_step(path: Path) -> int | None:
 def truncate_metrics(path: Path, iteration: int) -> None:
     """Keep the log records up to ``iteration`` (what a resumed run would log again goes).
 
-    A last line cut off by a kill is dropped too.
+    A last line cut off by a kill is dropped too; a broken line before it is an error.
     """
     if not path.is_file():
         return
+    lines = path.read_text(encoding="utf-8").splitlines()
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON record ({err})") from None
         if record.get("step", 0) <= iteration:
             kept.append(line)
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

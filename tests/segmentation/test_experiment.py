@@ -151,6 +151,9 @@ def test_interrupted_run_resumes_exactly(tmp_path, synthetic_root):
     trainer.train(stop_at=4)  # checkpoints at iteration 4 (end of epoch 2), then "dies"
     trainer.metrics.write("train", 5, loss=9.0)  # logged after the checkpoint: to be dropped
     trainer.close()
+    log = out / "runs" / "mish-dec" / "seed_0" / "metrics.jsonl"
+    with open(log, "a", encoding="utf-8") as handle:
+        handle.write('{"kind": "train", "st')  # the kill cut the last line off
     assert run_state(cfg, spec, out).status == "partial"
     resumed = train_run(cfg.to_dict(), spec.to_dict(), str(out))
     assert resumed["resumed_from"] == 4

@@ -75,7 +75,7 @@ def test_bad_records_are_rejected_with_their_line(tmp_path):
     record = _record(0, 0.5, 0.5)
     del record["mean_iou"]
     path.write_text(json.dumps(record) + "\n")
-    with pytest.raises(PerImageError, match=r":1: record lacks \['mean_iou'\]"):
+    with pytest.raises(PerImageError, match=r"record 1 lacks \['mean_iou'\]"):
         read_per_image(path)
     path.write_text(json.dumps(_record(0, 0.5, 0.5)) + "\n" + json.dumps(_record(0, 0.4, 0.4))
                     + "\n")
