@@ -100,12 +100,14 @@ def analyse(records: Sequence[dict], arm_specs: Sequence[dict], baseline: str, *
 
 
 def _throughput(runs) -> dict:
+    runs = list(runs)
     """images/s over the runs that had the machine alone, else over the shared ones (marked)."""
     alone = [r["images_per_s"] for r in runs if r.get("side_by_side") == 1]
     shared = [r for r in runs if r.get("side_by_side") != 1]
     values = alone or [r["images_per_s"] for r in shared]
     mean, std = stats.mean_std(values)
     return {"mean": mean, "std": std, "n": len(values), "alone": bool(alone),
+            "timed": any(r.get("side_by_side") is not None for r in runs),
             "max_side_by_side": max((r.get("side_by_side") or 0 for r in shared), default=0)}
 
 

@@ -49,8 +49,8 @@ def _header(summary: dict, meta: dict, missing: Sequence[dict]) -> list[str]:
                 if meta.get("wall_time_s") is not None else "."), ""]
     if missing:
         lines += ["## Missing runs", "",
-                  f"The report covers the {finished} finished runs; these "
-                  f"{len(missing)} are not in it:", "", "| run | state | detail |", "|---|---|---|"]
+                  f"The report covers the {finished} finished run(s); {len(missing)} "
+                  "run(s) are not in it yet:", "", "| run | state | detail |", "|---|---|---|"]
         lines += [f"| {m['run']} | {m['state']} | {m['detail']} |" for m in missing]
         lines.append("")
     return lines
@@ -88,7 +88,8 @@ def _arm_table(summary: dict) -> list[str]:
         lines.append(
             f"| {name} | {spec['activation']} | {spec.get('scope', 'all')} | "
             f"{spec.get('fuse_bn', False)} | {spec.get('data_seed', 0)} | "
-            f"{_lr(summary['lr_selection'][name]['chosen'])} | {len(entry['seeds'])} | "
+            f"{_lr(summary['lr_selection'][name]['chosen']) if entry['seeds'] else '—'} | "
+            f"{len(entry['seeds'])} | "
             f"{_fmt(st['miou']['mean'])} ± {_fmt(st['miou']['std'])} | "
             f"{_fmt(st['pixel_acc']['mean'])} ± {_fmt(st['pixel_acc']['std'])} |")
     return [*lines, ""]
@@ -167,6 +168,9 @@ def _comparison_section(summary: dict) -> list[str]:
                      f"{_p(m.get('p_holm'))} | {_fmt(m.get('detectable'))} | "
                      f"{_interval(a, 'pixel_acc')} | {_p(a['p_value'])} | "
                      f"{_p(a.get('p_holm'))} |")
+    if not any("vs_baseline" in entry for entry in summary["arms"].values()):
+        lines += ["", "No comparison yet: the baseline and another arm have no finished seed in "
+                  "common."]
     return [*lines, ""]
 
 
@@ -206,7 +210,14 @@ def _throughput_section(summary: dict, meta: dict) -> list[str]:
              "|---|---:|---:|---|---:|"]
     for name, entry in summary["arms"].items():
         t = entry["throughput"]
-        how = "alone" if t["alone"] else f"shared (up to {t['max_side_by_side']} side by side)"
+        if not t["n"]:
+            how = "no finished run"
+        elif t["alone"]:
+            how = "alone"
+        elif t["timed"]:
+            how = f"shared (up to {t['max_side_by_side']} side by side)"
+        else:
+            how = "unknown (no start/end times recorded)"
         diff = entry.get("vs_baseline", {}).get("images_per_s")
         delta = "" if diff is None else _interval(diff, "images_per_s") + (
             "" if diff["alone"] else " (shared)")

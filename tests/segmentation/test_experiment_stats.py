@@ -156,7 +156,8 @@ def test_analysis_by_hand_holm_family_excludes_the_aa_arm():
     assert per_arm_std == pytest.approx(np.std(mious["mish"], ddof=1))
     # Every run ran alone (spans do not overlap): throughput comes from all of them.
     assert summary["arms"]["mish"]["throughput"] == {"mean": 10.0, "std": 0.0, "n": 3,
-                                                     "alone": True, "max_side_by_side": 0}
+                                                     "alone": True, "timed": True,
+                                                     "max_side_by_side": 0}
 
 
 def test_throughput_prefers_runs_that_had_the_machine_alone():
