@@ -26,9 +26,10 @@ from .logging import read_metrics, setup_logging
 
 log = logging.getLogger(__name__)
 
-# The experiment's own settings and what only changes logging or speed of evaluation.
-RESULT_NEUTRAL_KEYS = ("EXPERIMENT", "TRAIN.progress", "TRAIN.tensorboard", "VAL.workers",
-                       "VAL.visualize", "VAL.visualize_max")
+# The experiment's own settings, how a run is started, and what only changes logging or the
+# speed of evaluation.
+RESULT_NEUTRAL_KEYS = ("EXPERIMENT", "TRAIN.resume", "TRAIN.progress", "TRAIN.tensorboard",
+                       "VAL.workers", "VAL.visualize", "VAL.visualize_max")
 
 
 class RunConflictError(RuntimeError):
@@ -146,6 +147,7 @@ def run_state(cfg: Config, spec: RunSpec, out: Path) -> RunState:
     if result.is_file():
         record = json.loads(result.read_text(encoding="utf-8"))
         _check_same_config(folder, record.get("config", {}), expected, "a finished run")
+        record.setdefault("lr_scale", None)  # records written before the LR grid existed
         return RunState(spec, "finished", record.get("iterations"), record)
     if (folder / "checkpoints" / "last.pth").is_file():
         config_file = folder / "config.yaml"

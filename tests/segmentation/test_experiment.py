@@ -242,3 +242,19 @@ def test_report_only_lists_missing_runs(tmp_path, synthetic_root, capsys):
     text = capsys.readouterr().out
     assert "1 of 2 runs finished" in text
     assert "| mish-dec seed 0 | not started |" in text
+
+
+def test_runs_recorded_before_the_launchers_are_reused(tmp_path, synthetic_root):
+    cfg = tiny_experiment_cfg(synthetic_root, "EXPERIMENT.seeds", "[0]")
+    out = tmp_path / "exp"
+    for arm in ARMS:  # rewrite the records the way the single-machine experiment wrote them
+        spec = RunSpec(arm["name"], 0)
+        record = train_run(cfg.to_dict(), spec.to_dict(), str(out))
+        for key in ("lr_scale", "lr_encoder", "lr_decoder", "machine", "resumed_from"):
+            del record[key]
+        record["config"]["TRAIN"]["resume"] = ""
+        (spec.folder(out) / "result.json").write_text(json.dumps(record))
+    report = run_experiment(cfg, out)
+    assert report["missing"] == [] and report["meta"]["finished_runs"] == 2
+    assert report["arms"]["mish-dec"]["throughput"]["timed"] is False
+    assert "unknown (no start/end times recorded)" in (out / "report.md").read_text()
