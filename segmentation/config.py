@@ -98,6 +98,9 @@ DEFAULTS: dict[str, Any] = {
     },
     "EXPERIMENT": {
         "seeds": [0, 1, 2],
+        # name, activation; optional scope (all|encoder|decoder), fuse_bn, and data_seed: an
+        # offset added to the seed for the data order and training randomness only, the initial
+        # weights staying those of the seed (an A/A arm of the same network measures the floor).
         "arms": [
             {"name": "relu", "activation": "relu", "scope": "all", "fuse_bn": False},
             {"name": "mish-decoder", "activation": "mish", "scope": "decoder", "fuse_bn": False},
@@ -105,7 +108,31 @@ DEFAULTS: dict[str, Any] = {
             {"name": "mish-all-fused", "activation": "mish", "scope": "all", "fuse_bn": True},
         ],
         "baseline": "relu",
-        "jobs": 1,  # runs trained in parallel processes (single-process mode)
+        "jobs": 1,  # runs trained in parallel processes (local launcher, single-process mode)
+        # Multipliers of TRAIN.lr_encoder/lr_decoder tried for every arm; each arm keeps the one
+        # with the best mean validation mIoU. [] = the config's learning rates only.
+        "lr_grid": [],
+        "alpha": 0.05,  # two-sided level of the paired tests (Holm-corrected across arms)
+        "power": 0.8,  # for the smallest detectable difference and the seeds needed
+        "deltas": [0.01, 0.02, 0.05],  # Δ mIoU (fractions) the report gives the seeds needed for
+        "bootstrap_resamples": 10000,  # per-image paired comparison
+        "slurm": {  # --launcher slurm: one job per (arm, lr, seed), one DDP rank per task
+            "partition": "",
+            "account": "",
+            "qos": "",
+            "constraint": "",
+            "nodes": 1,
+            "gpus_per_node": 8,
+            "tasks_per_node": 0,  # 0 = one per GPU (1 without GPUs)
+            "cpus_per_task": 10,
+            "mem_gb": 0,  # 0 = the partition's default
+            "time_min": 1440,  # time limit of one job; a timed-out job is requeued and resumes
+            "max_requeues": 10,  # requeues after timeouts (preemptions do not count)
+            "array_parallelism": 64,  # jobs of the array running at once
+            "exclusive": True,  # whole nodes: images/s is then measured with the machine alone
+            "setup": [],  # shell lines run before the job (module load ..., source venv)
+            "extra": [],  # further sbatch options as "key=value" (e.g. "mail-type=END")
+        },
     },
 }
 
@@ -306,20 +333,82 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("TRAIN.epoch_iters must be >= 0 (0 = one pass over the data)")
     if not cfg.DATASET.imgSizes or not cfg.VAL.imgSizes:
         raise ConfigError("DATASET.imgSizes and VAL.imgSizes need at least one size")
-    if not cfg.EXPERIMENT.seeds:
-        raise ConfigError("EXPERIMENT.seeds needs at least one seed")
-    for i, arm in enumerate(cfg.EXPERIMENT.arms):
+    validate_experiment(cfg.EXPERIMENT)
+    return cfg
+
+
+_ARM_KEYS = {"name": str, "activation": str, "scope": str, "fuse_bn": bool, "data_seed": int}
+
+
+def validate_experiment(exp: Mapping[str, Any]) -> None:
+    """The EXPERIMENT section: seeds, arms, baseline, LR grid, statistics and slurm settings."""
+    seeds = exp["seeds"]
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"EXPERIMENT.seeds needs at least one integer seed, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"EXPERIMENT.seeds has repeated seeds: {seeds}")
+    for i, arm in enumerate(exp["arms"]):
+        if not isinstance(arm, Mapping):
+            raise ConfigError(f"EXPERIMENT.arms[{i}] must be a mapping, got {arm!r}")
         missing = {"name", "activation"} - set(arm)
-        extra = set(arm) - {"name", "activation", "scope", "fuse_bn"}
+        extra = set(arm) - set(_ARM_KEYS)
         if missing or extra:
             raise ConfigError(
                 f"EXPERIMENT.arms[{i}] = {dict(arm)}: needs name and activation, may have "
-                f"scope and fuse_bn (missing {sorted(missing)}, unknown {sorted(extra)})"
+                f"scope, fuse_bn and data_seed (missing {sorted(missing)}, unknown {sorted(extra)})"
             )
-    names = [arm["name"] for arm in cfg.EXPERIMENT.arms]
+        for key, value in arm.items():
+            kind = _ARM_KEYS[key]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ConfigError(f"EXPERIMENT.arms[{i}].{key} must be {kind.__name__}, "
+                                  f"got {value!r}")
+        try:
+            from mishkit.registry import get_spec
+
+            get_spec(arm["activation"])
+        except ValueError as err:
+            raise ConfigError(f"EXPERIMENT.arms[{i}] ({arm['name']}): {err}") from None
+        if arm.get("scope", "all") not in ("all", "encoder", "decoder"):
+            raise ConfigError(f"EXPERIMENT.arms[{i}].scope must be all, encoder or decoder, "
+                              f"got {arm['scope']!r}")
+        if not arm["name"] or "/" in arm["name"]:
+            raise ConfigError(f"EXPERIMENT.arms[{i}].name {arm['name']!r} must be a non-empty "
+                              "folder name")
+    names = [arm["name"] for arm in exp["arms"]]
     if len(set(names)) != len(names):
         raise ConfigError(f"EXPERIMENT.arms names must be unique, got {names}")
-    return cfg
+    if exp["baseline"] not in names:
+        raise ConfigError(f"EXPERIMENT.baseline {exp['baseline']!r} is not an arm: {names}")
+    grid = exp["lr_grid"]
+    if not all(isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0 for m in grid):
+        raise ConfigError(f"EXPERIMENT.lr_grid holds positive LR multipliers, got {grid!r}")
+    if len(set(grid)) != len(grid):
+        raise ConfigError(f"EXPERIMENT.lr_grid has repeated multipliers: {grid}")
+    for key in ("alpha", "power"):
+        if not 0.0 < exp[key] < 1.0:
+            raise ConfigError(f"EXPERIMENT.{key} must be in (0, 1), got {exp[key]}")
+    if not all(isinstance(d, (int, float)) and not isinstance(d, bool) and d > 0
+               for d in exp["deltas"]):
+        raise ConfigError(f"EXPERIMENT.deltas holds positive Δ mIoU fractions, got "
+                          f"{exp['deltas']!r}")
+    if exp["bootstrap_resamples"] < 100:
+        raise ConfigError("EXPERIMENT.bootstrap_resamples must be >= 100, got "
+                          f"{exp['bootstrap_resamples']}")
+    if exp["jobs"] < 1:
+        raise ConfigError(f"EXPERIMENT.jobs must be >= 1, got {exp['jobs']}")
+    slurm = exp["slurm"]
+    for key in ("nodes", "cpus_per_task", "time_min", "array_parallelism"):
+        if slurm[key] < 1:
+            raise ConfigError(f"EXPERIMENT.slurm.{key} must be >= 1, got {slurm[key]}")
+    for key in ("gpus_per_node", "tasks_per_node", "mem_gb", "max_requeues"):
+        if slurm[key] < 0:
+            raise ConfigError(f"EXPERIMENT.slurm.{key} must be >= 0, got {slurm[key]}")
+    for option in slurm["extra"]:
+        if not isinstance(option, str) or "=" not in option or option.startswith("-"):
+            raise ConfigError(f"EXPERIMENT.slurm.extra entries are sbatch options as "
+                              f"\"key=value\" (no leading dashes), got {option!r}")
+    if not all(isinstance(line, str) for line in slurm["setup"]):
+        raise ConfigError(f"EXPERIMENT.slurm.setup holds shell lines, got {slurm['setup']!r}")
 
 
 def _lookup(cfg: Mapping[str, Any], key: str) -> Any:

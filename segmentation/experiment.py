@@ -1,154 +1,251 @@
-"""The activation experiment: arms (activation × scope × fused BN) × seeds, one report.
+"""The activation experiment: arms (activation × scope × fused BN) × LR grid × seeds, one report.
 
-    python -m segmentation.experiment --cfg segmentation/configs/synthetic-experiment.yaml \\
-        --out runs/experiment [KEY VALUE ...]
+    python -m segmentation.experiment --cfg CFG [--out DIR] [--launcher local|slurm]
+        [--dry-run] [--report-only] [--wait] [--jobs N] [--partition P] [--account A]
+        [--nodes N] [--gpus-per-node G] [--time-min M] [KEY VALUE ...]
 
-Each (arm, seed) run trains with the config's schedule and batch, with ``TRAIN.seed = seed``:
-the batch sampler and the weight initialisation depend on the seed only, so every arm sees the
-same data in the same order and starts from the same weights. Writes ``report.md``,
-``report.json`` and ``report.png`` to ``--out``; finished runs (``runs/<arm>/seed_<s>/
-result.json`` with the same config) are reused when the command is repeated.
+Each run trains with the config's schedule and batch, with ``TRAIN.seed = seed``: the batch
+sampler and the weight initialisation depend on the seed only, so every arm sees the same data
+in the same order and starts from the same weights. ``local`` trains the runs here
+(``EXPERIMENT.jobs`` at a time); ``slurm`` submits one submitit job per run (a multi-GPU DDP
+job with ``EXPERIMENT.slurm``'s resources) and returns, or waits with ``--wait``. Finished runs
+are reused and interrupted ones resume from their last checkpoint, so repeating the command
+continues the experiment. Every command ends by writing ``report.md``, ``report.json`` and
+``report.png`` to the experiment folder from the runs finished so far, listing those missing.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 from .config import Config, ConfigError
 from .engine.distributed import DistContext, cleanup, init_distributed
-from .engine.logging import read_metrics, setup_logging
+from .engine.launch import Failure, SubmititLauncher, run_key, run_local, sbatch_preview
+from .engine.launch import tasks_per_node as slurm_tasks_per_node
+from .engine.logging import setup_logging
+from .engine.runs import RunConflictError, RunState, plan_runs, run_state
 from .train import common_parser, load_or_exit
 
 log = logging.getLogger(__name__)
 
-
-def run_config(cfg: Config, arm: dict, seed: int, out: Path) -> Config:
-    """The config of one run: the arm's activation settings and the seed, its own folder."""
-    run = Config(cfg.to_dict())
-    run.MODEL.activation = arm["activation"]
-    run.MODEL.activation_scope = arm.get("scope", "all")
-    run.MODEL.fuse_bn = bool(arm.get("fuse_bn", False))
-    run.TRAIN.seed = int(seed)
-    run.TRAIN.resume = ""
-    run.TRAIN.ckpt_dir = ""
-    if run.TRAIN.eval_every <= 0:
-        run.TRAIN.eval_every = run.TRAIN.num_epoch  # the final validation at least
-    run.DIR = str(out / "runs" / arm["name"] / f"seed_{seed}")
-    return run
+_FLAGS = {"partition": "partition", "account": "account", "nodes": "nodes",
+          "gpus_per_node": "gpus_per_node", "time_min": "time_min"}
 
 
-def _curves(metrics_path: Path) -> tuple[list, list, dict]:
-    train = read_metrics(metrics_path, "train")
-    val = read_metrics(metrics_path, "val")
-    if not val:
-        raise RuntimeError(f"{metrics_path}: the run wrote no validation record")
-    loss = [[r["step"], r["loss"]] for r in train]
-    miou = [[r["step"], r["miou"]] for r in val]
-    return loss, miou, val[-1]
+def _max_iters(cfg: Config) -> int | None:
+    t = cfg.TRAIN
+    return t.max_iters or (t.num_epoch * t.epoch_iters if t.epoch_iters else None)
 
 
-def run_one(cfg_dict: dict, arm: dict, seed: int, out: str, ctx: DistContext | None = None
-            ) -> dict:
-    """Train and validate one (arm, seed); returns its result record (also saved as JSON)."""
-    from .engine.trainer import Trainer
-
-    cfg = run_config(Config(cfg_dict), arm, seed, Path(out))
-    run_dir = Path(cfg.DIR)
-    result_path = run_dir / "result.json"
-    if result_path.is_file():
-        cached = json.loads(result_path.read_text(encoding="utf-8"))
-        if cached.get("config") == cfg.to_dict():
-            return cached
-    if ctx is None:
-        setup_logging(True)
-        ctx = DistContext()
-    if (run_dir / "metrics.jsonl").exists() and ctx.is_main:
-        (run_dir / "metrics.jsonl").unlink()  # a stale or interrupted run: start the log afresh
-    trainer = Trainer(cfg, ctx)
-    result = trainer.train()
-    trainer.close()
-    loss, miou, final = _curves(run_dir / "metrics.jsonl") if ctx.is_main else ([], [], {})
-    record = {
-        "arm": arm["name"], "seed": int(seed),
-        "miou": final.get("miou"), "pixel_acc": final.get("pixel_acc"),
-        "score": final.get("score"), "mean_class_acc": final.get("mean_class_acc"),
-        "images_per_s": result["images_per_s"], "train_seconds": result["seconds"],
-        "iterations": result["iteration"], "loss_curve": loss, "miou_curve": miou,
-        "config": cfg.to_dict(),
-    }
-    if ctx.is_main:
-        result_path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    return record
+def _missing(state: RunState, out: Path, jobs: dict, failures: dict, cfg: Config) -> dict:
+    folder = state.spec.folder(out)
+    key = run_key(state.spec, out)
+    entry = {"run": state.spec.label, "folder": str(folder)}
+    total = _max_iters(cfg)
+    progress = (f"checkpointed; last logged iteration {state.iteration}"
+                + (f" of {total}" if total else "")) if state.status == "partial" else ""
+    job = jobs.get(key)
+    if job and job["active"]:
+        return {**entry, "state": f"{job['state'].lower()} (job {job['job_id']})",
+                "detail": progress}
+    failure = failures.get(key)
+    error_file = folder / "error.txt"
+    if failure is not None or error_file.is_file():
+        message = failure.message if failure else error_file.read_text(
+            encoding="utf-8").strip().splitlines()[-1]
+        where = failure.log_path if failure and failure.log_path else str(error_file)
+        return {**entry, "state": "failed", "detail": f"{message} (log: {where})"}
+    if job:  # ended without a result or a Python error: killed, out of memory, node failure
+        return {**entry, "state": "failed",
+                "detail": f"job {job['job_id']} ended {job['state']} (log: {job['stderr']}); "
+                          "submitted again when the command is repeated"}
+    if state.status == "partial":
+        return {**entry, "state": "interrupted", "detail": progress + "; resumes when run again"}
+    return {**entry, "state": "not started", "detail": ""}
 
 
-def run_experiment(cfg: Config, out: Path, ctx: DistContext, jobs: int = 1,
-                   name: str = "config") -> dict:
-    """Every arm × seed (seed-major, so partial results stay balanced), then the report."""
-    from .engine.builders import prepare_dataset
+def gather(cfg: Config, out: Path, name: str, *, jobs: dict | None = None,
+           failures: Sequence[Failure] = (), wall_time_s: float | None = None,
+           throughput_note: str = "") -> dict:
+    """The report from every finished run; the others are listed as missing (``jobs``: the
+    submitit launcher's job states, to say which are queued, running or ended badly)."""
+    from .engine.analysis import analyse, select_learning_rates
+    from .engine.equivalence import same_function_groups
+    from .engine.perimage import per_image_comparison
     from .engine.report import write_report
 
-    arms = [dict(arm) for arm in cfg.EXPERIMENT.arms]
-    names = [arm["name"] for arm in arms]
-    if cfg.EXPERIMENT.baseline not in names:
-        raise ConfigError(f"EXPERIMENT.baseline {cfg.EXPERIMENT.baseline!r} is not an arm: {names}")
-    out.mkdir(parents=True, exist_ok=True)
-    prepare_dataset(cfg, ctx)  # once, before any run (and before worker processes start)
+    specs = plan_runs(cfg)
+    states = [run_state(cfg, spec, out) for spec in specs]
+    records = [state.record for state in states if state.status == "finished"]
+    failed = {run_key(f.spec, out): f for f in failures}
+    missing = [_missing(state, out, jobs or {}, failed, cfg) for state in states
+               if state.status != "finished"]
+    exp = cfg.EXPERIMENT
+    arms = [dict(arm) for arm in exp.arms]
+    chosen = select_learning_rates(records, [a["name"] for a in arms])
+    folders = {(state.spec.arm, state.spec.seed): state.spec.folder(out) for state in states
+               if state.status == "finished"
+               and state.spec.lr_scale == chosen[state.spec.arm]["chosen"]}
+    per_image = per_image_comparison(folders, [a["name"] for a in arms], exp.baseline,
+                                     resamples=exp.bootstrap_resamples)
+    summary = analyse(records, arms, exp.baseline, alpha=exp.alpha, power=exp.power,
+                      deltas=exp.deltas, same_function=same_function_groups(cfg, arms),
+                      per_image=per_image)
+    world = max(((r.get("machine") or {}).get("world_size", 1) for r in records), default=1)
+    meta = {
+        "config": name, "model": f"{cfg.MODEL.arch_encoder}+{cfg.MODEL.arch_decoder}",
+        "iterations": records[0]["iterations"] if records else _max_iters(cfg),
+        "batch": cfg.TRAIN.batch_size_per_gpu * world, "seeds": list(exp.seeds),
+        "lr_grid": [float(m) for m in exp.lr_grid], "lr_encoder": cfg.TRAIN.lr_encoder,
+        "lr_decoder": cfg.TRAIN.lr_decoder, "planned_runs": len(specs),
+        "finished_runs": len(records), "wall_time_s": wall_time_s,
+        "throughput_note": throughput_note,
+    }
+    return write_report(out, summary, meta, records, missing)
+
+
+def run_experiment(cfg: Config, out: Path, ctx: DistContext | None = None, jobs: int = 1,
+                   name: str = "config") -> dict:
+    """Train every missing run here (``jobs`` at a time), then write the report; returns the
+    report's JSON content. Failed runs are listed in it (with their ``error.txt``)."""
+    from .engine.builders import prepare_dataset
+
+    ctx = ctx or DistContext()
     start = time.perf_counter()
-    tasks = [(arm, seed) for seed in cfg.EXPERIMENT.seeds for arm in arms]
-    if jobs > 1 and not ctx.distributed:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_one, cfg.to_dict(), arm, seed, str(out))
-                       for arm, seed in tasks]
-            runs = [f.result() for f in futures]
-    else:
-        runs = []
-        for arm, seed in tasks:
-            log.info("run %d/%d: arm %s, seed %d", len(runs) + 1, len(tasks), arm["name"], seed)
-            runs.append(run_one(cfg.to_dict(), arm, seed, str(out), ctx))
-    wall = time.perf_counter() - start
+    todo = [spec for spec in plan_runs(cfg) if run_state(cfg, spec, out).status != "finished"]
+    failures = []
+    if todo:
+        prepare_dataset(cfg, ctx)  # once, before any run (and before worker processes start)
+        failures = run_local(cfg, todo, out, ctx, jobs)
     if not ctx.is_main:
         return {}
-    import torch
+    note = (f"Local launcher: up to {jobs} run(s) at a time; CPU runs also share the machine "
+            "with whatever else ran (see the load column).")
+    return gather(cfg, out, name, failures=failures, wall_time_s=time.perf_counter() - start,
+                  throughput_note=note)
 
-    meta = {
-        "config": name,
-        "model": f"{cfg.MODEL.arch_encoder}+{cfg.MODEL.arch_decoder}",
-        "iterations": runs[0]["iterations"], "batch": cfg.TRAIN.batch_size_per_gpu * ctx.world_size,
-        "device": str(ctx.device), "threads": cfg.TRAIN.num_threads or torch.get_num_threads(),
-        "jobs": jobs, "world_size": ctx.world_size, "wall_time_s": wall,
-    }
-    return write_report(out, [{k: v for k, v in r.items() if k != "config"} for r in runs],
-                        arms, cfg.EXPERIMENT.baseline, meta)
+
+def describe_plan(cfg: Config, out: Path, states: Sequence[RunState], todo: Sequence[RunState],
+                  active: dict, launcher: str, jobs: int) -> str:
+    """What a command would train or submit, run by run."""
+    count = {s: sum(1 for st in states if st.status == s) for s in ("finished", "partial", "new")}
+    lines = [f"experiment folder {out}: {len(states)} runs planned; {count['finished']} "
+             f"finished (reused), {len(active)} queued or running (left alone), "
+             f"{len(todo)} to {'submit' if launcher == 'slurm' else 'train'} "
+             f"({sum(1 for st in todo if st.status == 'partial')} resuming from a checkpoint)"]
+    for state in states:
+        key = run_key(state.spec, out)
+        if key in active:
+            what = f"{active[key][1].lower()} as job {active[key][0]}"
+        elif state.status == "finished":
+            what = "finished, reused"
+        elif state.status == "partial":
+            what = f"resume from checkpoints/last.pth (last logged iteration {state.iteration})"
+        else:
+            what = "train from scratch"
+        lines.append(f"  {state.spec.label:<32} {state.spec.folder(out)}  [{what}]")
+    if launcher == "local":
+        lines.append(f"local: {jobs} run(s) at a time in this machine's processes, device "
+                     f"{cfg.TRAIN.device}, {cfg.TRAIN.num_threads or 'default'} thread(s) each")
+        return "\n".join(lines)
+    s = cfg.EXPERIMENT.slurm
+    ranks = s.nodes * slurm_tasks_per_node(s)
+    lines += [f"slurm: {len(todo)} job(s) as one submitit array; each job {s.nodes} node(s) × "
+              f"{slurm_tasks_per_node(s)} task(s) = {ranks} DDP rank(s), {s.gpus_per_node} "
+              f"GPU(s) per node, batch {cfg.TRAIN.batch_size_per_gpu} per rank "
+              f"(global {cfg.TRAIN.batch_size_per_gpu * ranks}); time limit {s.time_min} min, "
+              f"requeued (resuming) up to {s.max_requeues} time(s) after timeouts; logs in "
+              f"{out / 'submitit'}", "sbatch script of one job:", "",
+              sbatch_preview(cfg, out / "submitit")]
+    return "\n".join(lines)
+
+
+def _parser():
+    parser = common_parser("python -m segmentation.experiment", __doc__.split("\n")[0])
+    parser.add_argument("--out", default=None, help="experiment folder (default DIR)")
+    parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                        help="train here (local) or submit one submitit job per run (slurm)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what would be trained or submitted, and do nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the finished runs; train/submit nothing")
+    parser.add_argument("--wait", action="store_true",
+                        help="slurm: wait for the submitted jobs, then write the report")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="local: runs in parallel processes (default EXPERIMENT.jobs)")
+    for flag, key in _FLAGS.items():
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None,
+                            help=f"slurm: EXPERIMENT.slurm.{key}")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = common_parser("python -m segmentation.experiment", __doc__.split("\n")[0])
-    parser.add_argument("--out", default=None, help="experiment folder (default DIR)")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="runs in parallel processes (default EXPERIMENT.jobs)")
+    parser = _parser()
     args = parser.parse_intermixed_args(argv)
-    cfg = load_or_exit(parser, args.cfg, args.opts)
-    ctx = init_distributed(cfg.TRAIN.device)
-    setup_logging(ctx.is_main)
+    opts = list(args.opts)
+    for flag, key in _FLAGS.items():
+        if getattr(args, flag) is not None:
+            opts += [f"EXPERIMENT.slurm.{key}", getattr(args, flag)]
+    cfg = load_or_exit(parser, args.cfg, opts)
     out = Path(args.out or cfg.DIR)
+    jobs = args.jobs if args.jobs is not None else cfg.EXPERIMENT.jobs
+    if jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {jobs}")
+    local = args.launcher == "local"
+    ctx = init_distributed(cfg.TRAIN.device) if local and not args.dry_run else DistContext()
+    setup_logging(ctx.is_main)
     try:
-        jobs = args.jobs if args.jobs is not None else cfg.EXPERIMENT.jobs
-        report = run_experiment(cfg, out, ctx, jobs=jobs, name=args.cfg)
-        if ctx.is_main:
-            print((out / "report.md").read_text(encoding="utf-8"))
-            print(f"wall time {report['meta']['wall_time_s']:.0f} s; report in {out}")
-    except ConfigError as err:
+        return _run(args, cfg, out, ctx, jobs)
+    except (ConfigError, RunConflictError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     finally:
         cleanup()
-    return 0
+
+
+def _run(args, cfg: Config, out: Path, ctx: DistContext, jobs: int) -> int:
+    from .engine.builders import prepare_dataset
+
+    start = time.perf_counter()
+    states = [run_state(cfg, spec, out) for spec in plan_runs(cfg)]
+    launcher = SubmititLauncher(cfg, out) if args.launcher == "slurm" else None
+    active = launcher.active() if launcher else {}
+    todo = [st for st in states if st.status != "finished" and run_key(st.spec, out) not in active]
+    if args.dry_run:
+        print(describe_plan(cfg, out, states, todo, active, args.launcher, jobs))
+        return 0
+    if launcher is None:
+        if args.report_only:
+            report = gather(cfg, out, args.cfg) if ctx.is_main else {}
+        else:
+            report = run_experiment(cfg, out, ctx, jobs, args.cfg)
+        return _print_report(out, report) if ctx.is_main else 0
+    failures: list[Failure] = []
+    if not args.report_only and todo:
+        prepare_dataset(cfg, ctx)
+        submitted = launcher.submit([st.spec for st in todo])
+        for state, job in zip(todo, submitted):
+            print(f"submitted {state.spec.label}: job {job.job_id}")
+        if args.wait:
+            failures = launcher.wait([st.spec for st in todo], submitted)
+    exclusive = cfg.EXPERIMENT.slurm.exclusive
+    note = (f"Slurm jobs {'with' if exclusive else 'without'} exclusive nodes"
+            + ("." if exclusive else ": other users' jobs may have shared a node."))
+    report = gather(cfg, out, args.cfg, jobs=launcher.states(), failures=failures,
+                    wall_time_s=time.perf_counter() - start, throughput_note=note)
+    return _print_report(out, report, failed=bool(failures))
+
+
+def _print_report(out: Path, report: dict, failed: bool = False) -> int:
+    print((out / "report.md").read_text(encoding="utf-8"))
+    meta = report["meta"]
+    wall = "" if meta["wall_time_s"] is None else f"; wall time {meta['wall_time_s']:.0f} s"
+    print(f"{meta['finished_runs']} of {meta['planned_runs']} runs finished{wall}; report in "
+          f"{out}")
+    return 1 if failed or "failed" in {m["state"] for m in report["missing"]} else 0
 
 
 if __name__ == "__main__":
