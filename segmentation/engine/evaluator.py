@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
@@ -82,7 +83,7 @@ def _sliding_probs(model: nn.Module, img: Tensor, size: tuple[int, int], cfg: Co
         raise ValueError(f"VAL.crop_size ({crop}) must be a multiple of {multiple} and "
                          f"VAL.stride ({stride}) >= 1")
     height, width = img.shape[-2:]
-    img = torch.nn.functional.pad(img, (0, max(crop - width, 0), 0, max(crop - height, 0)))
+    img = F.pad(img, (0, max(crop - width, 0), 0, max(crop - height, 0)))
     padded_h, padded_w = img.shape[-2:]
 
     def starts(length: int) -> list[int]:
