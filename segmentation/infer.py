@@ -74,13 +74,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: error: label PNGs hold at most 255 classes\n")
     try:
         paths = image_paths(args.imgs)
+        stems = [output_stem(path, args.imgs) for path in paths]
+        owner: dict[Path, Path] = {}
+        for path, stem in zip(paths, stems):
+            if stem in owner:
+                raise DatasetError(f"{owner[stem]} and {path} would both write {stem}.png; "
+                                   "rename one of them")
+            owner[stem] = path
         model = load_trained_model(cfg, ctx)
     except (DatasetError, CheckpointError) as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     names = class_names_for(cfg.DATASET.num_class)  # ADE20K names; indices otherwise
     out = Path(args.out)
     sizes = eval_sizes(cfg)
-    for path in paths:
+    for path, relative in zip(paths, stems):
         try:
             image = load_image(path)
         except DatasetError as err:
@@ -89,7 +96,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         inputs = [x.unsqueeze(0).to(ctx.device) for x in inputs]
         scores = predict_scores(model, inputs, (image.height, image.width), cfg)
         pred = scores.argmax(1)[0].cpu().numpy()
-        relative = output_stem(path, args.imgs)
         stem = out / relative
         stem.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(colorize(pred)).save(f"{stem}_color.png")

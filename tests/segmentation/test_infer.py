@@ -210,3 +210,8 @@ def test_infer_walks_folders_and_predicts_what_csail_test_predicts(tmp_path, csa
         np.testing.assert_array_equal(written, scores.argmax(1)[0].numpy() + 1)
         assert (out / f"{Path(relative).with_suffix('')}_color.png").is_file()
         assert f"\n{relative}: " in f"\n{printed}"
+    Image.open(images / "a.png").save(images / "a.jpg")  # same output name as a.png
+    with pytest.raises(SystemExit) as info:
+        infer_main(["--cfg", _cfg_file(tmp_path), "--imgs", str(images), "--out", str(out),
+                    *OVERRIDES, *_csail_weights(csail_files)])
+    assert info.value.code == 1 and "would both write" in capsys.readouterr().err

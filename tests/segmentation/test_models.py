@@ -188,9 +188,12 @@ def test_mismatched_checkpoint_lists_missing_and_unexpected_keys():
     assert "conv_last.weight" in message and "151" in message
 
 
-def test_missing_weights_file_is_named(tmp_path):
+def test_missing_or_unreadable_weights_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
         build_encoder("resnet18", weights=tmp_path / "nope.pth")
+    (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(CheckpointMismatchError, match=r"cut\.pth: cannot read weights"):
+        build_encoder("resnet18", weights=tmp_path / "cut.pth")
 
 
 # ---------------------------------------------------------------------------- forward passes

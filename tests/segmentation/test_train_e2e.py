@@ -115,6 +115,10 @@ def test_training_validates_at_the_end_with_per_class_and_per_image_records(
         r["labelled_pixels"] for r in records) == pytest.approx(val["pixel_acc"])
     assert val["per_image_miou"] == pytest.approx(
         sum(r["mean_iou"] for r in records) / len(records))
+    # A fresh run in the same folder starts the log afresh: every step once.
+    Trainer(cfg, DistContext()).train()
+    steps = [(r["kind"], r["step"]) for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert steps == [("train", 4), ("val", 4)]
     # TRAIN.eval_every 1: after every epoch, each record with its per-class IoU.
     cfg = tiny_cfg(synthetic_root, tmp_path / "every", 32, "TRAIN.batch_size_per_gpu", "2",
                    "TRAIN.num_epoch", "2", "TRAIN.epoch_iters", "1", "TRAIN.eval_every", "1")
