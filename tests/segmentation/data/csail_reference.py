@@ -5,7 +5,7 @@ Not part of the test suite (it needs the reference package, which the project do
     pip download mit-semseg==1.0.0 --no-deps -d /tmp/ref
     python -m zipfile -e /tmp/ref/mit_semseg-1.0.0-py3-none-any.whl /tmp/ref/src
     python tests/segmentation/data/csail_reference.py /tmp/ref/src manifest   # rewrite the JSON
-    python tests/segmentation/data/csail_reference.py /tmp/ref/src compare    # softmax equality
+    python tests/segmentation/data/csail_reference.py /tmp/ref/src compare    # probabilities
     python tests/segmentation/data/csail_reference.py /tmp/ref/src data       # train/val samples
     python tests/segmentation/data/csail_reference.py /tmp/ref/src eval       # eval + infer CLIs
 
@@ -120,7 +120,11 @@ def compare(src: str) -> None:
         with torch.no_grad():
             expected = ref_dec.eval()(ref_enc.eval()(images, True), segSize=(64, 96))
             error = (ours(images).softmax(1) - expected).abs().max().item()
-        print(f"{enc_arch}-{dec_arch}: max |softmax difference| = {error:.2e}")
+            # A label size that is not the input's: CSAIL's segSize, our logits_at.
+            expected = ref_dec(ref_enc(images, True), segSize=(53, 101))
+            other = (ours.logits_at(images, (53, 101)).softmax(1) - expected).abs().max().item()
+        print(f"{enc_arch}-{dec_arch}: max |softmax difference| = {error:.2e} at the input "
+              f"size, {other:.2e} at 53x101")
 
 
 def _csail_data_modules(src: str):
