@@ -45,6 +45,9 @@ DEFAULTS: dict[str, Any] = {
         "arch_encoder": "resnet50dilated",
         "arch_decoder": "ppm_deepsup",
         "fc_dim": None,
+        # Path or URL ("imagenet" for the encoder: CSAIL's ImageNet weights). With
+        # weights_decoder set, eval and infer use this pair (CSAIL's encoder_epoch_N.pth /
+        # decoder_epoch_N.pth) instead of VAL.checkpoint.
         "weights_encoder": "",
         "weights_decoder": "",
         "activation": "relu",
@@ -89,7 +92,7 @@ DEFAULTS: dict[str, Any] = {
         "flip": False,
         "crop_size": 512,  # sliding window
         "stride": 341,
-        "checkpoint": "",  # default DIR/checkpoints/last.pth
+        "checkpoint": "",  # default DIR/checkpoints/last.pth; unused with MODEL.weights_decoder
         "visualize": False,
         "visualize_max": 20,
         "absent": "zero",  # classes absent from GT and prediction: zero | ignore

@@ -2,9 +2,12 @@
 
     python -m segmentation.infer --cfg CFG --imgs PATH_OR_DIR --out DIR [KEY VALUE ...]
 
-For each image writes ``<stem>_color.png`` (palette colours) and ``<stem>.png`` (labels in the
-ADE20K submission space 1..150), and prints the predicted classes by area with their names.
-The checkpoint is ``VAL.checkpoint``; scales, flip and sliding window follow ``VAL.*``.
+A folder is searched recursively (as CSAIL's test.py does); each image's outputs keep its path
+relative to the folder: ``<stem>_color.png`` (palette colours) and ``<stem>.png`` (labels in the
+ADE20K submission space 1..150). Prints the predicted classes by area with their names. Weights
+as in ``segmentation.eval``: ``VAL.checkpoint``, or CSAIL's ``MODEL.weights_encoder`` /
+``MODEL.weights_decoder``; scales, flip and sliding window follow ``VAL.*``, and the scores are
+computed at the image's own size exactly as the evaluation computes them at the label's.
 """
 
 from __future__ import annotations
@@ -14,40 +17,37 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from .config import Config
 from .data import DatasetError
 from .data.make_odgt import IMAGE_SUFFIXES
-from .data.transforms import load_image, normalize, resize_image, round_up, scaled_size
+from .data.transforms import eval_inputs, load_image
 from .engine.distributed import DistContext, resolve_device
 from .engine.logging import setup_logging
 from .train import common_parser, load_or_exit
 
 
 def image_paths(source: str | Path) -> list[Path]:
-    """One image, or every image (sorted) directly inside a folder."""
+    """One image, or every image (sorted) anywhere below a folder."""
     source = Path(source)
     if source.is_dir():
-        paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = sorted(p for p in source.rglob("*")
+                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not paths:
-            raise DatasetError(f"{source}: no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise DatasetError(f"{source}: no images ({', '.join(IMAGE_SUFFIXES)}) in it or "
+                               "its subfolders")
         return paths
     if not source.is_file():
         raise DatasetError(f"{source}: no such image or folder")
     return [source]
 
 
-def scaled_inputs(image: Image.Image, sizes: Sequence[int], cfg: Config) -> list[torch.Tensor]:
-    """The image at each short side, resized to multiples of DATASET.padding_constant."""
-    inputs = []
-    for short_side in sizes:
-        h, w = scaled_size(image.height, image.width, short_side, cfg.VAL.imgMaxSize)
-        multiple = cfg.DATASET.padding_constant
-        size = (round_up(h, multiple), round_up(w, multiple))
-        inputs.append(normalize(resize_image(image, size)).unsqueeze(0))
-    return inputs
+def output_stem(path: Path, source: str | Path) -> Path:
+    """Where an image's outputs go, relative to ``--out``: its path below the searched folder
+    without the suffix (two images with one name in different folders never collide)."""
+    source = Path(source)
+    relative = path.relative_to(source) if source.is_dir() else Path(path.name)
+    return relative.with_suffix("")
 
 
 def class_areas(pred: np.ndarray, names: Sequence[str] | None) -> list[tuple[str, float]]:
@@ -70,29 +70,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging(True)
     ctx = DistContext(device=resolve_device(cfg.TRAIN.device))
+    if cfg.DATASET.num_class > 255:
+        parser.exit(2, f"{parser.prog}: error: label PNGs hold at most 255 classes\n")
     try:
         paths = image_paths(args.imgs)
+        stems = [output_stem(path, args.imgs) for path in paths]
+        owner: dict[Path, Path] = {}
+        for path, stem in zip(paths, stems):
+            if stem in owner:
+                raise DatasetError(f"{owner[stem]} and {path} would both write {stem}.png; "
+                                   "rename one of them")
+            owner[stem] = path
         model = load_trained_model(cfg, ctx)
     except (DatasetError, CheckpointError) as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
-    if cfg.DATASET.num_class > 255:
-        parser.exit(2, f"{parser.prog}: error: label PNGs hold at most 255 classes\n")
     names = class_names_for(cfg.DATASET.num_class)  # ADE20K names; indices otherwise
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     sizes = eval_sizes(cfg)
-    for path in paths:
+    for path, relative in zip(paths, stems):
         try:
             image = load_image(path)
         except DatasetError as err:
             parser.exit(1, f"{parser.prog}: error: {err}\n")
-        inputs = [x.to(ctx.device) for x in scaled_inputs(image, sizes, cfg)]
+        inputs = eval_inputs(image, sizes, cfg.VAL.imgMaxSize, cfg.DATASET.padding_constant)
+        inputs = [x.unsqueeze(0).to(ctx.device) for x in inputs]
         scores = predict_scores(model, inputs, (image.height, image.width), cfg)
         pred = scores.argmax(1)[0].cpu().numpy()
-        Image.fromarray(colorize(pred)).save(out / f"{path.stem}_color.png")
-        Image.fromarray((pred + 1).astype(np.uint8), mode="L").save(out / f"{path.stem}.png")
+        stem = out / relative
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(colorize(pred)).save(f"{stem}_color.png")
+        Image.fromarray((pred + 1).astype(np.uint8)).save(f"{stem}.png")  # mode L
         areas = ", ".join(f"{name} {100 * frac:.1f}%" for name, frac in class_areas(pred, names))
-        print(f"{path.name}: {areas}")
+        print(f"{relative.with_suffix(path.suffix)}: {areas}")
     print(f"wrote {2 * len(paths)} PNGs to {out}")
     return 0
 

@@ -140,6 +140,28 @@ class ConfusionMatrix:
             "present_classes": int((per["gt_pixels"] > 0).sum().item()),
         }
 
+    def image_record(self) -> dict:
+        """The counts' per-image evaluation record (the ``per_image.jsonl`` fields but the
+        image's path and index): labelled and correct pixels, pixel accuracy, and IoU and Dice
+        of every class present in ground truth or prediction (prediction counted at labelled
+        pixels only, as CSAIL's ``intersectionAndUnion`` does), keyed by the class index as a
+        string, with their means. Pixel accuracy and the means are None where undefined."""
+        per = self._per_class()
+        labelled = int(self.counts.sum().item())
+        correct = int(self.counts.diagonal().sum().item())
+        present = (~per["iou"].isnan()).nonzero().flatten().tolist()
+        iou = {str(c): per["iou"][c].item() for c in present}
+        dice = {str(c): per["dice"][c].item() for c in present}
+        return {
+            "labelled_pixels": labelled,
+            "correct_pixels": correct,
+            "pixel_accuracy": correct / labelled if labelled else None,
+            "mean_iou": sum(iou.values()) / len(iou) if iou else None,
+            "mean_dice": sum(dice.values()) / len(dice) if dice else None,
+            "iou": iou,
+            "dice": dice,
+        }
+
     def class_table(self, class_names: Sequence[str] | None = None) -> list[dict]:
         """One row per class: index, name, IoU, accuracy, Dice, GT and predicted pixels."""
         names = list(class_names) if class_names is not None else None
@@ -160,19 +182,21 @@ class ConfusionMatrix:
         ]
 
     def write_class_table(
-        self, path: str | Path, class_names: Sequence[str] | None = None, absent: str = "zero"
+        self, path: str | Path, class_names: Sequence[str] | None = None, absent: str = "zero",
+        title: str = "",
     ) -> Path:
-        """Write the per-class table as CSV (``.csv``) or Markdown (``.md``) with a summary."""
+        """Write the per-class table as CSV (``.csv``) or Markdown (``.md``, with a summary
+        under ``title``, e.g. the evaluation protocol)."""
         path = Path(path)
         writers = {".csv": _write_csv, ".md": _write_markdown}
         if path.suffix not in writers:
             raise ValueError(f"{path}: class table format must be one of {sorted(writers)}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        writers[path.suffix](path, self.class_table(class_names), self.summary(absent))
+        writers[path.suffix](path, self.class_table(class_names), self.summary(absent), title)
         return path
 
 
-def _write_csv(path: Path, rows: list[dict], summary: dict) -> None:
+def _write_csv(path: Path, rows: list[dict], summary: dict, title: str) -> None:
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -183,8 +207,9 @@ def _fmt(value: float) -> str:
     return "n/a" if value != value else f"{100 * value:.2f}"  # NaN -> n/a
 
 
-def _write_markdown(path: Path, rows: list[dict], summary: dict) -> None:
-    lines = [
+def _write_markdown(path: Path, rows: list[dict], summary: dict, title: str) -> None:
+    lines = [title, ""] if title else []
+    lines += [
         "| metric | value |",
         "|---|---|",
         *(f"| {k} | {_fmt(v)} |" for k, v in summary.items() if k != "present_classes"),

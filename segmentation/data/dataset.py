@@ -29,6 +29,7 @@ from .odgt import Record, read_odgt
 from .sampler import SampleSpec
 from .transforms import (
     downsample_label,
+    eval_inputs,
     load_image,
     load_label,
     normalize,
@@ -180,11 +181,11 @@ class TrainDataset(_IndexedDataset):
 
     def _build(self, index: int, short_side: int, flip: bool) -> dict:
         img, label, rec = self.load(index)
-        size = scaled_size(img.height, img.width, short_side, self.img_max_size)
-        img, label = resize_image(img, size), resize_label(label, size)
-        if flip:
+        if flip:  # before resizing, as CSAIL does: NEAREST ties make the two orders differ
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
             label = label[:, ::-1]
+        size = scaled_size(img.height, img.width, short_side, self.img_max_size)
+        img, label = resize_image(img, size), resize_label(label, size)
         label = downsample_label(label, self.segm_downsampling_rate)
         return {
             "img": normalize(img),
@@ -204,6 +205,8 @@ def eval_collate(samples: Sequence[dict | None]) -> dict | None:
         "imgs": [img.unsqueeze(0) for img in sample["imgs"]],
         "segm": sample["segm"].unsqueeze(0),
         "name": [sample["name"]],
+        "image": [sample["image"]],
+        "index": [sample["index"]],
     }
 
 
@@ -211,9 +214,10 @@ class ValDataset(_IndexedDataset):
     """Validation samples: the image at every short side of ``img_sizes``, label at full size.
 
     ``dataset[i]`` returns ``{"imgs": [float32 (3, H_s, W_s) per scale], "segm": int64 (H, W)
-    original-size label with -1 = ignore, "name": str}``. Each scaled size is rounded to a
-    multiple of ``padding_constant`` (resized, not padded) as in the CSAIL evaluation; upsample
-    predictions to ``segm``'s size before scoring. Use :attr:`collate_fn` with ``batch_size=1``.
+    original-size label with -1 = ignore, "name": str, "image": the index's fpath_img, "index":
+    i}``. Each truncated scaled size is rounded up to a multiple of ``padding_constant``
+    (resized, not padded) as in the CSAIL evaluation; resize the network's feature-resolution
+    logits to ``segm``'s size before scoring. Use :attr:`collate_fn` with ``batch_size=1``.
     Arguments as in :class:`TrainDataset`.
     """
 
@@ -241,9 +245,6 @@ class ValDataset(_IndexedDataset):
 
     def _build(self, index: int) -> dict:
         img, label, rec = self.load(index)
-        imgs = []
-        for short_side in self.img_sizes:
-            h, w = scaled_size(img.height, img.width, short_side, self.img_max_size)
-            size = (round_up(h, self.padding_constant), round_up(w, self.padding_constant))
-            imgs.append(normalize(resize_image(img, size)))
-        return {"imgs": imgs, "segm": torch.from_numpy(label), "name": rec.name}
+        imgs = eval_inputs(img, self.img_sizes, self.img_max_size, self.padding_constant)
+        return {"imgs": imgs, "segm": torch.from_numpy(label), "name": rec.name,
+                "image": rec.fpath_img, "index": index}

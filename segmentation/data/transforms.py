@@ -1,7 +1,9 @@
 """Image/label loading and the resize, normalize, pad and downsample steps of the CSAIL recipe.
 
-Images are resized bilinearly with Pillow; label maps (int64, ``-1`` = ignore) are resized by
-nearest-neighbour sampling at pixel centres, which never invents a class.
+Every step follows CSAIL's code exactly: scaled sizes are truncated, not rounded (``int()`` of
+the scaled float, as CSAIL's ``np.int32`` and ``int()`` do); images are resized with Pillow's
+BILINEAR filter and label maps (int64, ``-1`` = ignore) with Pillow's NEAREST filter, whose
+choice at exact ties between two source pixels (the lower one) is part of CSAIL's labels.
 """
 
 from __future__ import annotations
@@ -62,9 +64,13 @@ def load_label(path: str | Path, num_classes: int = NUM_CLASSES) -> np.ndarray:
 
 
 def scaled_size(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
-    """Size with the short side at ``short_side`` unless the long side would pass ``max_size``."""
+    """Size with the short side at ``short_side`` unless the long side would pass ``max_size``.
+
+    Both sides are truncated, as in CSAIL's training and validation code, so the short side can
+    come out one pixel below ``short_side`` (``int(281 * (300 / 281)) == 299``).
+    """
     scale = min(short_side / min(height, width), max_size / max(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    return max(1, int(height * scale)), max(1, int(width * scale))
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -81,14 +87,36 @@ def resize_image(img: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a 2-D label map to ``size = (height, width)``."""
+    """Pillow NEAREST resize of a 2-D integer label map to ``size = (height, width)``.
+
+    Pillow itself picks the source pixels (its accumulated float positions decide exact ties),
+    so the result is the label CSAIL's loader computes; int32 ("I" mode) keeps -1 and any
+    class count.
+    """
     height, width = size
-    src_h, src_w = label.shape
-    if (src_h, src_w) == (height, width):
+    if label.shape == (height, width):
         return label
-    rows = np.minimum(((np.arange(height) + 0.5) * src_h / height).astype(np.int64), src_h - 1)
-    cols = np.minimum(((np.arange(width) + 0.5) * src_w / width).astype(np.int64), src_w - 1)
-    return label[rows[:, None], cols[None, :]]
+    image = Image.fromarray(np.ascontiguousarray(label, dtype=np.int32))
+    if image.mode != "I":  # pragma: no cover - Pillow maps int32 arrays to "I"
+        raise TypeError(f"label map became a {image.mode!r} image, expected 'I'")
+    resized = np.asarray(image.resize((width, height), Image.NEAREST), dtype=np.int64)
+    return resized.astype(label.dtype, copy=False)
+
+
+def eval_input_size(height: int, width: int, short_side: int, max_size: int,
+                    multiple: int) -> tuple[int, int]:
+    """Network input size of an evaluated image: the truncated scaled size rounded up to a
+    multiple of ``multiple`` (CSAIL stretches the image to it, it does not pad)."""
+    h, w = scaled_size(height, width, short_side, max_size)
+    return round_up(h, multiple), round_up(w, multiple)
+
+
+def eval_inputs(image: Image.Image, short_sides, max_size: int, multiple: int
+                ) -> list[torch.Tensor]:
+    """The normalized ``(3, H_s, W_s)`` network input of ``image`` at every short side."""
+    return [normalize(resize_image(image, eval_input_size(image.height, image.width, side,
+                                                          max_size, multiple)))
+            for side in short_sides]
 
 
 def downsample_label(label: np.ndarray, rate: int) -> np.ndarray:

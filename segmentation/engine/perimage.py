@@ -16,10 +16,10 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .evaluator import PER_IMAGE_FILE
 from .logging import read_metrics
 from .stats import bootstrap_mean_interval
 
-PER_IMAGE_FILE = "per_image.jsonl"
 PER_IMAGE_METRICS = ("mean_iou", "pixel_accuracy")
 _REQUIRED = ("image", "index", "labelled_pixels", "correct_pixels", *PER_IMAGE_METRICS)
 

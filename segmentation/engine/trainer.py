@@ -33,7 +33,7 @@ from .builders import (
 )
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistContext, all_reduce_sum, barrier
-from .evaluator import evaluate
+from .evaluator import PER_IMAGE_FILE, evaluate
 from .logging import MetricsLogger, progress_bar
 from .loss import SegmentationLoss, pixel_counts
 from .optim import PolyLR, build_optimizer
@@ -94,14 +94,15 @@ class Trainer:
             self.network = DistributedDataParallel(
                 self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         self.iteration = 0
-        self.metrics = MetricsLogger(self.out_dir / "metrics.jsonl", enabled=ctx.is_main,
-                                     tensorboard=t.tensorboard)
         if ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
         resume = self._resume_path()
         if resume:
             self.load(resume)
+        # After the resume: the log keeps exactly the records up to the restored iteration.
+        self.metrics = MetricsLogger(self.out_dir / "metrics.jsonl", enabled=ctx.is_main,
+                                     tensorboard=t.tensorboard, start_step=self.iteration)
 
     # ---- checkpoints ----
 
@@ -201,8 +202,11 @@ class Trainer:
     def train(self, stop_at: int | None = None) -> dict:
         """Train to ``max_iters`` (or stop after iteration ``stop_at``, writing a checkpoint).
 
-        Returns ``{"iteration", "images_per_s", "seconds"}``; validation results go to the
-        metrics log as ``kind="val"`` records.
+        Returns ``{"iteration", "images_per_s", "seconds"}``; validation results (every
+        ``TRAIN.eval_every`` epochs and after the last iteration) go to the metrics log as
+        ``kind="val"`` records with the per-class IoU list ``class_iou`` (None where a class is
+        in neither ground truth nor prediction); the last one also writes ``eval/`` and
+        ``per_image.jsonl``.
         """
         t, ctx = self.cfg.TRAIN, self.ctx
         end = self.max_iters if stop_at is None else min(stop_at, self.max_iters)
@@ -248,10 +252,12 @@ class Trainer:
         t = self.cfg.TRAIN
         epoch = -(-self.iteration // self.epoch_iters)
         finished = self.iteration == self.max_iters
-        if t.eval_every > 0 and (epoch % t.eval_every == 0 or finished):
+        if finished or (t.eval_every > 0 and epoch % t.eval_every == 0):
             result = evaluate(self.model, self.cfg, self.ctx,
-                              out_dir=self.out_dir / "eval" if finished else None)
-            self.metrics.write("val", self.iteration, epoch=epoch, **result.summary)
+                              out_dir=self.out_dir / "eval" if finished else None,
+                              per_image=self.out_dir / PER_IMAGE_FILE if finished else None)
+            self.metrics.write("val", self.iteration, epoch=epoch, protocol=result.protocol,
+                               **result.summary, class_iou=result.matrix.iou().tolist())
             self.network.train()
             if t.fix_bn:
                 freeze_batchnorm(self.model)

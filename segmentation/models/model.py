@@ -43,7 +43,8 @@ class SegmentationModel(nn.Module):
     ``size_multiple``. In training mode it returns ``SegmentationOutput(logits, aux_logits)``
     at feature resolution (``aux_logits`` is None without deep supervision; weight it by
     ``deep_supervision_weight`` in the loss). In eval mode it returns the logits bilinearly
-    upsampled to H×W (align_corners=False). Never softmax or loss: those live outside.
+    upsampled to H×W (align_corners=False); :meth:`logits_at` resizes them to any other size
+    (a label's) in one step. Never softmax or loss: those live outside.
     """
 
     def __init__(
@@ -68,6 +69,16 @@ class SegmentationModel(nn.Module):
         if self.training:
             return out
         return resize(out.logits, images.shape[-2:])
+
+    def logits_at(self, images: Tensor, size: tuple[int, int]) -> Tensor:
+        """Main-head logits resized once, from feature resolution, to ``size = (H, W)``.
+
+        What CSAIL's decoders compute for ``segSize``: evaluation scores an image against its
+        label, whose size need not be the network input's, and resizing twice (to the input,
+        then to the label) changes the scores.
+        """
+        images = check_images(images, self.size_multiple, self.encoder_name)
+        return resize(self.decoder(self.encoder(images)).logits, tuple(size))
 
     def extra_repr(self) -> str:
         return f"encoder={self.encoder_name!r}, decoder={self.decoder_name!r}"

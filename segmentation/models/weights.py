@@ -21,7 +21,7 @@ SYNC_BN_BOOKKEEPING = ("_tmp_running_mean", "_tmp_running_var", "_running_iter")
 
 
 class CheckpointMismatchError(RuntimeError):
-    """A weights file whose keys or shapes do not fit the module."""
+    """A weights file that cannot be read, or whose keys or shapes do not fit the module."""
 
 
 def _is_url(source: str) -> bool:
@@ -42,7 +42,11 @@ def read_state_dict(source: str | os.PathLike) -> dict[str, torch.Tensor]:
     else:
         if not os.path.isfile(source):
             raise FileNotFoundError(f"weights file not found: {source}")
-        state = torch.load(source, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated, not a torch file, or pickled code
+            raise CheckpointMismatchError(
+                f"{source}: cannot read weights ({type(err).__name__}: {err})") from None
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):

@@ -111,3 +111,21 @@ def test_train_cli_rejects_unknown_key_with_exit_2(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "TRAIN.num_epochs" in err and "TRAIN.num_epoch" in err
+
+
+# num_epoch of CSAIL's config/ade20k-*.yaml (semantic-segmentation-pytorch master), per config.
+CSAIL_EPOCHS = {
+    "mobilenetv2dilated-c1_deepsup": 20, "resnet18dilated-ppm_deepsup": 20,
+    "resnet50dilated-ppm_deepsup": 20, "resnet101dilated-ppm_deepsup": 25,
+    "resnet50-upernet": 30, "resnet101-upernet": 40, "hrnetv2": 30,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(CSAIL_EPOCHS))
+def test_ade_configs_train_csail_schedules_and_evaluate_their_last_epoch(name):
+    for variant in (f"ade20k-{name}", f"ade20k-{name}-mish"):
+        cfg = load_config(CONFIG_DIR / f"{variant}.yaml")
+        t = cfg.TRAIN
+        assert (t.num_epoch, t.epoch_iters, t.lr_encoder, t.lr_decoder) == (
+            CSAIL_EPOCHS[name], 5000, 0.02, 0.02), variant
+        assert cfg.VAL.checkpoint == f"epoch_{t.num_epoch}.pth", variant

@@ -29,7 +29,20 @@ from segmentation.data import (
 )
 from segmentation.data import download as dl
 from segmentation.data.make_odgt import main as make_odgt_main
-from segmentation.data.transforms import downsample_label, resize_label, scaled_size
+from segmentation.data.transforms import (
+    downsample_label,
+    eval_input_size,
+    resize_label,
+    scaled_size,
+)
+
+from .reference import (
+    csail_scale,
+    csail_train_sample,
+    csail_train_size,
+    csail_val_inputs,
+    csail_val_size,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -183,6 +196,113 @@ def test_index_size_disagreeing_with_image_names_line(handmade):
 def test_scaled_size_caps_long_side():
     assert scaled_size(100, 200, 50, 1000) == (50, 100)
     assert scaled_size(100, 400, 50, 120) == (30, 120)
+    assert scaled_size(7, 10, 300, 1000) == (300, 428)  # 428.57 truncated, as CSAIL does
+    assert scaled_size(281, 400, 300, 1000) == (299, 427)  # 299.99999999999994, too
+
+
+ADE_SIDES = (300, 375, 450, 525, 600)
+
+
+def _rounding_differs(height: int, width: int, side: int) -> bool:
+    scale = min(side / min(height, width), 1000 / max(height, width))
+    return any(int(n * scale) != round(n * scale) for n in (height, width))
+
+
+def _has_ties(source: int, target: int) -> bool:
+    """A NEAREST resize of ``source`` pixels to ``target`` samples a point exactly between two
+    source pixels: (i + 1/2) * source / target is a whole number for some output i."""
+    return any((2 * i + 1) * source % (2 * target) == 0 for i in range(target))
+
+
+def test_training_sizes_truncate_like_csail_on_every_ade_image():
+    records = read_odgt(official_odgt("training"))
+    differs = 0
+    for rec in records:
+        for side in ADE_SIDES:
+            expected = csail_train_size(rec.height, rec.width, side, 1000)
+            assert scaled_size(rec.height, rec.width, side, 1000) == expected, (rec.name, side)
+            differs += _rounding_differs(rec.height, rec.width, side)
+    assert differs > 10_000  # rounding instead of truncating would change these pairs
+
+
+def test_validation_inputs_truncate_like_csail_on_every_ade_image():
+    grown = set()
+    for index, rec in enumerate(read_odgt(official_odgt("validation"))):
+        for side in ADE_SIDES:
+            ours = eval_input_size(rec.height, rec.width, side, 1000, 8)
+            assert ours == csail_val_size(rec.height, rec.width, side, 1000, 8), (rec.name, side)
+            scale = min(side / min(rec.height, rec.width), 1000 / max(rec.height, rec.width))
+            rounded = tuple(-(-round(n * scale) // 8) * 8 for n in (rec.height, rec.width))
+            if rounded != ours:
+                grown.add((index, side))
+    assert len(grown) == 222  # pairs whose input would grow by 8 px if sizes were rounded
+
+
+def _ade_training_cases(count: int):
+    """The first training records whose sizes have NEAREST ties and a truncation that differs
+    from rounding at some CSAIL short side: the cases that tell CSAIL's labels apart."""
+    cases = []
+    for rec in read_odgt(official_odgt("training")):
+        for side in ADE_SIDES:
+            h, w = csail_train_size(rec.height, rec.width, side, 1000)
+            if _rounding_differs(rec.height, rec.width, side) and (
+                    _has_ties(rec.height, h) or _has_ties(rec.width, w)):
+                cases.append((rec, side))
+                break
+        if len(cases) == count:
+            return cases
+    raise AssertionError("the shipped index has no such records")
+
+
+@pytest.mark.parametrize("rate", [1, 8])
+def test_train_samples_equal_csail_pipeline_at_real_ade_sizes(handmade, rate):
+    cases = _ade_training_cases(3)
+    for i, (rec, _) in enumerate(cases):
+        label = RNG.integers(0, 151, (rec.height, rec.width))
+        handmade.add(f"s{i}", _rgb(rec.height, rec.width), label)
+    ds = TrainDataset(handmade.write_index(), padding_constant=8, segm_downsampling_rate=rate)
+    for i, (_, side) in enumerate(cases):
+        image, label_png = (Image.open(handmade.path_of(f"s{i}", kind)).convert(mode)
+                            for kind, mode in (("images", "RGB"), ("annotations", "L")))
+        for flip in (False, True):
+            sample = ds[SampleSpec(i, side, flip)]
+            img, segm = csail_train_sample(image, label_png, side, 1000, rate, flip)
+            assert torch.equal(sample["img"], img), (i, side, flip)
+            np.testing.assert_array_equal(sample["segm"].numpy(), segm, err_msg=f"{i} {flip}")
+
+
+def test_label_resize_is_pillow_nearest_with_its_tie_choice():
+    rec, side = _ade_training_cases(1)[0]
+    h, w = csail_train_size(rec.height, rec.width, side, 1000)
+    label = RNG.integers(-1, 150, (rec.height, rec.width))
+    expected = np.asarray(Image.fromarray((label + 1).astype(np.uint8)).resize(
+        (w, h), Image.NEAREST), dtype=np.int64) - 1
+    np.testing.assert_array_equal(resize_label(label, (h, w)), expected)
+    # Sampling at exact pixel centres (the upper source pixel at a tie) gives another label.
+    rows = np.minimum(((np.arange(h) + 0.5) * rec.height / h).astype(np.int64), rec.height - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * rec.width / w).astype(np.int64), rec.width - 1)
+    assert (label[rows[:, None], cols[None, :]] != expected).any()
+
+
+def test_val_inputs_equal_csail_at_real_ade_sizes(handmade):
+    picked = []
+    for rec in read_odgt(official_odgt("validation")):
+        scale_differs = [csail_val_size(rec.height, rec.width, s, 1000, 8) != tuple(
+            -(-round(n * csail_scale(rec.height, rec.width, s, 1000)) // 8) * 8
+            for n in (rec.height, rec.width)) for s in ADE_SIDES]
+        if any(scale_differs):
+            picked.append(rec)
+        if len(picked) == 2:
+            break
+    for i, rec in enumerate(picked):
+        handmade.add(f"v{i}", _rgb(rec.height, rec.width), RNG.integers(0, 151, (rec.height,
+                                                                             rec.width)))
+    ds = ValDataset(handmade.write_index(), img_sizes=ADE_SIDES)
+    for i in range(len(picked)):
+        image = Image.open(handmade.path_of(f"v{i}", "images")).convert("RGB")
+        expected = csail_val_inputs(image, ADE_SIDES, 1000, 8)
+        for ours, ref in zip(ds[i]["imgs"], expected, strict=True):
+            assert torch.equal(ours.unsqueeze(0), ref)
 
 
 def test_resize_label_never_invents_classes():

@@ -63,6 +63,28 @@ def test_class_only_predicted_has_zero_iou_and_undefined_accuracy():
     assert row["iou"] == 0.0 and np.isnan(row["acc"]) and row["pred_pixels"] == 1
 
 
+def test_image_record_by_hand():
+    cm = ConfusionMatrix(num_classes=5)  # classes 3 and 4 occur nowhere: not in the record
+    cm.update(PRED, TARGET)
+    record = cm.image_record()
+    assert (record["labelled_pixels"], record["correct_pixels"]) == (6, 4)
+    assert record["pixel_accuracy"] == pytest.approx(4 / 6)
+    assert record["iou"] == pytest.approx({"0": 2 / 3, "1": 1 / 3, "2": 1 / 2})
+    assert record["dice"] == pytest.approx({"0": 4 / 5, "1": 2 / 4, "2": 2 / 3})
+    assert record["mean_iou"] == pytest.approx((2 / 3 + 1 / 3 + 1 / 2) / 3)
+    assert record["mean_dice"] == pytest.approx((4 / 5 + 2 / 4 + 2 / 3) / 3)
+    # A class predicted only at an ignored pixel is not present; one predicted at a labelled
+    # pixel is, with IoU and Dice 0.
+    cm = ConfusionMatrix(num_classes=5)
+    cm.update(torch.tensor([0, 3, 4]), torch.tensor([0, 0, -1]))
+    assert cm.image_record()["iou"] == {"0": 0.5, "3": 0.0}
+    empty = ConfusionMatrix(num_classes=5)
+    empty.update(torch.tensor([1, 2]), torch.tensor([-1, -1]))
+    assert empty.image_record() == {"labelled_pixels": 0, "correct_pixels": 0,
+                                    "pixel_accuracy": None, "mean_iou": None,
+                                    "mean_dice": None, "iou": {}, "dice": {}}
+
+
 def _reference(pred: np.ndarray, target: np.ndarray, n: int):
     """float64 set-based IoU per class, independent of any confusion matrix."""
     keep = target != -1

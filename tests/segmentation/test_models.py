@@ -30,6 +30,8 @@ from segmentation.models import (
     load_weights,
 )
 
+from .reference import csail_style
+
 MANIFEST = json.loads((Path(__file__).parent / "data" / "csail_modules.json").read_text())
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -140,19 +142,6 @@ def test_parameter_counts_match_csail(config):
     assert sum(p.numel() for p in model.decoder.parameters()) == expected_dec
 
 
-def csail_style(state: dict) -> dict:
-    """A state dict as CSAIL's files hold it: SyncBN running sums, no num_batches_tracked."""
-    out = {}
-    for key, value in state.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        out[key] = value
-        if key.endswith("running_mean"):
-            out[key.replace("running_mean", "_tmp_running_mean")] = value * 3
-            out[key.replace("running_mean", "_tmp_running_var")] = torch.ones_like(value)
-    return out
-
-
 def test_csail_checkpoint_file_loads_and_round_trips(tmp_path):
     torch.manual_seed(0)
     source = build_model("resnet18dilated", "c1_deepsup").eval()
@@ -199,9 +188,12 @@ def test_mismatched_checkpoint_lists_missing_and_unexpected_keys():
     assert "conv_last.weight" in message and "151" in message
 
 
-def test_missing_weights_file_is_named(tmp_path):
+def test_missing_or_unreadable_weights_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
         build_encoder("resnet18", weights=tmp_path / "nope.pth")
+    (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(CheckpointMismatchError, match=r"cut\.pth: cannot read weights"):
+        build_encoder("resnet18", weights=tmp_path / "cut.pth")
 
 
 # ---------------------------------------------------------------------------- forward passes
@@ -273,6 +265,19 @@ def test_output_sizes_follow_input_sizes(h, w, batch):
         assert model.eval()(images).shape == (batch, 5, 8 * h, 8 * w)
         # output stride 8, with no padding or cropping anywhere in between
         assert model.decoder(model.encoder(images)).logits.shape == (batch, 5, h, w)
+
+
+def test_logits_at_resizes_feature_logits_once_to_any_size():
+    model = small_model().eval()
+    images = torch.randn(1, 3, 32, 40)
+    with torch.no_grad():
+        features = model.decoder(model.encoder(images)).logits
+        for size in ((45, 61), (32, 40), (7, 9)):
+            expected = F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+            assert torch.equal(model.logits_at(images, size), expected)
+        assert torch.equal(model(images), model.logits_at(images, (32, 40)))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        model.logits_at(torch.randn(1, 3, 30, 40), (30, 40))
 
 
 @functools.cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -61,14 +62,21 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
 
 
-def test_resume_is_bit_identical(tmp_path, synthetic_root):
+def _log(run: Path, kind: str, keys: tuple[str, ...]) -> list[tuple]:
+    return [(r["step"], *(r[k] for k in keys)) for r in read_metrics(run / "metrics.jsonl", kind)]
+
+
+def test_resume_is_bit_identical_and_logs_every_step_once(tmp_path, synthetic_root):
     # PPM has dropout, so the restored RNG state matters; stop mid-epoch and mid-pass.
     common = ["TRAIN.batch_size_per_gpu", "2", "TRAIN.num_epoch", "3", "TRAIN.epoch_iters", "2",
-              "MODEL.arch_decoder", "ppm_deepsup", "TRAIN.seed", "5"]
+              "MODEL.arch_decoder", "ppm_deepsup", "TRAIN.seed", "5", "TRAIN.disp_iter", "1"]
     straight = Trainer(tiny_cfg(synthetic_root, tmp_path / "a", 32, *common), DistContext())
     straight.train()
     interrupted = Trainer(tiny_cfg(synthetic_root, tmp_path / "b", 32, *common), DistContext())
     interrupted.train(stop_at=3)
+    interrupted.train(stop_at=5)  # goes on past the checkpoint it is resumed from, then "dies"
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as handle:
+        handle.write('{"kind": "train", "step": 6, "lo')  # a line cut short by kill -9
     ckpt = tmp_path / "b" / "checkpoints" / "iter_3.pth"
     assert load_checkpoint(ckpt)["iteration"] == 3
     resumed = Trainer(tiny_cfg(synthetic_root, tmp_path / "b", 32, *common,
@@ -81,6 +89,43 @@ def test_resume_is_bit_identical(tmp_path, synthetic_root):
     assert not different, different
     for sa, sb in zip(straight.optimizer.state.values(), resumed.optimizer.state.values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    # The log of the resumed run is the uninterrupted run's: each step once, same values.
+    train_keys = ("loss", "pixel_acc", "lr_encoder", "epoch")
+    assert _log(tmp_path / "b", "train", train_keys) == _log(tmp_path / "a", "train", train_keys)
+    assert [r[0] for r in _log(tmp_path / "b", "train", ())] == [1, 2, 3, 4, 5, 6]
+    val_keys = ("miou", "pixel_acc", "class_iou")
+    assert _log(tmp_path / "b", "val", val_keys) == _log(tmp_path / "a", "val", val_keys)
+
+
+def test_training_validates_at_the_end_with_per_class_and_per_image_records(
+        tmp_path, synthetic_root):
+    cfg = tiny_cfg(synthetic_root, tmp_path / "run", 32, "TRAIN.batch_size_per_gpu", "2",
+                   "TRAIN.num_epoch", "2", "TRAIN.epoch_iters", "2")  # TRAIN.eval_every 0
+    Trainer(cfg, DistContext()).train()
+    (val,) = read_metrics(tmp_path / "run" / "metrics.jsonl", "val")
+    assert val["step"] == 4 and val["protocol"].startswith("single-scale (short side 32;")
+    with open(tmp_path / "run" / "eval" / "class_iou.csv") as handle:
+        table = [None if row["iou"] == "nan" else float(row["iou"])
+                 for row in csv.DictReader(handle)]
+    assert val["class_iou"] == table and len(table) == 150
+    assert any(v is None for v in table) and any(v is not None for v in table)
+    records = read_metrics(tmp_path / "run" / "per_image.jsonl")
+    assert [r["index"] for r in records] == [0, 1, 2, 3]
+    assert sum(r["correct_pixels"] for r in records) / sum(
+        r["labelled_pixels"] for r in records) == pytest.approx(val["pixel_acc"])
+    assert val["per_image_miou"] == pytest.approx(
+        sum(r["mean_iou"] for r in records) / len(records))
+    # A fresh run in the same folder starts the log afresh: every step once.
+    Trainer(cfg, DistContext()).train()
+    steps = [(r["kind"], r["step"]) for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert steps == [("train", 4), ("val", 4)]
+    # TRAIN.eval_every 1: after every epoch, each record with its per-class IoU.
+    cfg = tiny_cfg(synthetic_root, tmp_path / "every", 32, "TRAIN.batch_size_per_gpu", "2",
+                   "TRAIN.num_epoch", "2", "TRAIN.epoch_iters", "1", "TRAIN.eval_every", "1")
+    Trainer(cfg, DistContext()).train()
+    vals = read_metrics(tmp_path / "every" / "metrics.jsonl", "val")
+    assert [(v["step"], v["epoch"], len(v["class_iou"])) for v in vals] == [(1, 1, 150),
+                                                                           (2, 2, 150)]
 
 
 def _same_size_dataset(root: Path, count: int, size: int) -> None:
