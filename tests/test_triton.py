@@ -7,6 +7,11 @@ tests/test_activations.py; this file covers what only the Triton backend has.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -91,10 +96,37 @@ def test_fixed_config_when_interpreted_autotuned_on_gpu():
 
     if INTERPRET:
         assert not isinstance(tk._FORWARD, Autotuner)
-        assert tk._LAUNCH_META == {"BLOCK": tk.INTERPRET_BLOCK}
+        assert tk._launch_meta(tk._FORWARD) == {"BLOCK": tk.INTERPRET_BLOCK}
+    elif not tk.AUTOTUNE:  # MISHKIT_TRITON_AUTOTUNE=0
+        assert tk._launch_meta(tk._FORWARD) == {"BLOCK": tk.FIXED_CONFIG.kwargs["BLOCK"],
+                                                "num_warps": tk.FIXED_CONFIG.num_warps}
     else:
-        assert isinstance(tk._FORWARD, Autotuner) and tk._LAUNCH_META == {}
+        assert isinstance(tk._FORWARD, Autotuner) and tk._launch_meta(tk._FORWARD) == {}
         assert tk._FORWARD_INPLACE.restore_value == ["x_ptr"]
+
+
+@pytest.mark.parametrize(("dtype", "per_thread"), [(torch.float32, 8), (torch.bfloat16, 16),
+                                                   (torch.float64, 4)])
+def test_autotune_configs_keep_32_bytes_in_flight_per_thread(dtype, per_thread):
+    x = torch.empty(8, dtype=dtype)
+    kept = tk._prune_configs(tk._GPU_CONFIGS, {"x_ptr": x})
+    assert kept and all(c.kwargs["BLOCK"] // (32 * c.num_warps) >= per_thread for c in kept)
+    dropped = [c for c in tk._GPU_CONFIGS if c not in kept]
+    assert all(c.kwargs["BLOCK"] // (32 * c.num_warps) < per_thread for c in dropped)
+    fixed = tk.FIXED_CONFIG
+    assert fixed.kwargs["BLOCK"] // (32 * fixed.num_warps) * x.element_size() >= 32
+
+
+def test_kernels_compile_for_sm90_with_16_byte_accesses():
+    # Offline compilation (Triton's own ptxas, no GPU) of the kernels as a GPU would run them,
+    # not interpreted: every kernel compiles, and the unmasked / aligned paths move 16 bytes per
+    # access (ld.global.v4 / v2.b64) rather than one element.
+    script = Path(__file__).with_name("triton_sm90_compile.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all kernels compiled" in result.stdout, result.stdout
 
 
 def test_compiled_graph_keeps_the_ops_and_their_autograd():
