@@ -11,9 +11,9 @@ pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
 
 # torch first and pinned: any unpinned torch (or a build-isolated build) pulls GBs of CUDA wheels.
 "$PY" -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
-"$PY" -c "import triton, pytest, hypothesis, ruff, importlinter, ninja, yaml, PIL, tqdm, matplotlib" \
-  2>/dev/null || pip_install "torch==2.13.0" setuptools wheel ninja triton pytest hypothesis ruff \
-       import-linter expecttest numpy pyyaml pillow tqdm matplotlib
+"$PY" -c "import triton, pytest, pytest_timeout, xdist, hypothesis, ruff, importlinter, ninja, yaml, PIL, tqdm, matplotlib" \
+  2>/dev/null || pip_install "torch==2.13.0" setuptools wheel ninja triton pytest pytest-timeout \
+       pytest-xdist hypothesis ruff import-linter expecttest numpy pyyaml pillow tqdm matplotlib
 
 # Rebuild only when the C++/CUDA sources or setup.py changed (a clean build takes minutes on 2 cores).
 stamp="$VENV/.mishkit-build-stamp"

@@ -67,12 +67,12 @@ _GPU_CONFIGS = [
 ]
 _MIN_BYTES_PER_THREAD = 32
 FIXED_CONFIG = _GPU_CONFIGS[1]  # without autotuning: 16 elements per thread, any dtype
+ITEMSIZES = (2, 4, 8)
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """The configs that give each thread >= 32 bytes of ``x_ptr``'s dtype (e.g. 16 bf16)."""
-    itemsize = named_args["x_ptr"].element_size()
-    return [c for c in configs
+def configs_for(itemsize: int) -> list:
+    """The configs that give each thread >= 32 bytes of elements of ``itemsize`` (16 bf16)."""
+    return [c for c in _GPU_CONFIGS
             if c.kwargs["BLOCK"] // (32 * c.num_warps) * itemsize >= _MIN_BYTES_PER_THREAD]
 
 
@@ -117,15 +117,15 @@ def _backward_kernel(grad_ptr, x_ptr, dx_ptr, n, size_class, p0_hi, p0_lo, p1_hi
                         p1_lo, ACT)
 
 
-def _tuned(kernel, restore_value=None, autotune: bool | None = None):
-    """Autotuned on GPU (keyed on activation, size class and dtypes); else the kernel itself,
-    launched with :func:`_launch_meta` (interpreter, or MISHKIT_TRITON_AUTOTUNE=0)."""
+def _tuned(kernel, restore_value=None, autotune: bool | None = None) -> dict:
+    """Per element size: the kernel autotuned over :func:`configs_for` that size (keyed on
+    activation, size class and dtypes), or the kernel itself, launched with
+    :func:`_launch_meta` (interpreter, or MISHKIT_TRITON_AUTOTUNE=0). One autotuner per size
+    rather than ``prune_configs_by``, which not every torch.compile version traces."""
     if not (AUTOTUNE if autotune is None else autotune):
-        return kernel
-    return triton.autotune(
-        configs=_GPU_CONFIGS, key=["size_class", "ACT"], restore_value=restore_value,
-        prune_configs_by={"early_config_prune": _prune_configs},
-    )(kernel)
+        return dict.fromkeys(ITEMSIZES, kernel)
+    return {size: triton.autotune(configs=configs_for(size), key=["size_class", "ACT"],
+                                  restore_value=restore_value)(kernel) for size in ITEMSIZES}
 
 
 _FORWARD = _tuned(_forward_kernel)
@@ -168,8 +168,9 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t if is_dense(t) else t.contiguous()
 
 
-def _launch(kernel, tensors: tuple, act: int, params) -> None:
+def _launch(kernels: dict, tensors: tuple, act: int, params) -> None:
     """Launch over the flat storage of ``tensors`` (one layout); nothing for empty tensors."""
+    kernel = kernels[tensors[0].element_size()]
     n = tensors[0].numel()
     if n == 0:
         return
