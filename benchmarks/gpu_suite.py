@@ -119,7 +119,8 @@ def stages(rehearsal: bool) -> list[Stage]:
         Stage(3, "bandwidth", "Mish bandwidth at 2^26 (fp32, bf16)", "bench", 100,
               [*device, *bandwidth], quick=True, expected=expected),
         Stage(4, "gpu-tests", "all other GPU tests (xdist)", "pytest", 110,
-              ["-m", "gpu or triton", "tests", "--deselect", "tests/test_extension.py",
+              ["-m", "gpu or triton", "tests", "--ignore", "tests/segmentation",  # no GPU tests
+               "--deselect", "tests/test_extension.py",
                *(a for i in (*_activation_ids("triton"), *CUDA_IDS, *MEMCHECK_IDS)
                  for a in ("--deselect", i))],
               fixed, test_timeout_s=100, workers=8),

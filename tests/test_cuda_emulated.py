@@ -25,6 +25,7 @@ from mishkit.backends import reference as torch_backend
 from mishkit.registry import ACTIVATIONS
 
 from .helpers import DTYPES, SPECIAL, assert_close, param_list
+from .helpers import kernel_expected as expected
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests" / "cuda_emulation"
@@ -103,14 +104,6 @@ def values(dtype: torch.dtype, count: int = 400) -> torch.Tensor:
     random = torch.randn(count, generator=torch.Generator().manual_seed(count), dtype=torch.float64)
     return torch.cat([torch.tensor(SPECIAL, dtype=torch.float64),
                       torch.linspace(-30, 30, 241, dtype=torch.float64), random * 6]).to(dtype)
-
-
-def expected(name, x, params, grad=None):
-    spec = ACTIVATIONS[name]
-    kwargs = spec.kwargs(tuple(params))
-    if grad is None:
-        return spec.reference(x.double(), **kwargs)
-    return grad.double() * spec.derivative(x.double(), **kwargs)
 
 
 # -- activations ------------------------------------------------------------------------------

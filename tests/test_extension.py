@@ -19,6 +19,7 @@ from mishkit import backends
 from mishkit.registry import ACTIVATIONS
 
 from .helpers import DTYPES, SPECIAL, assert_close, param_list
+from .helpers import kernel_expected as expected
 
 _C, _REASON = backends.extension_module()
 # Skip only where nothing was built; a built .so that fails to load is a failure, not a skip.
@@ -68,17 +69,6 @@ def grid(dtype, n_random=300):
                         torch.linspace(-30, 30, 601, dtype=torch.float64),
                         torch.randn(n_random, generator=gen, dtype=torch.float64) * 8])
     return values.to(dtype)
-
-
-def expected(name, x, params, grad=None):
-    """float64 registry formulas at the (rounded) input, rounded once to x's dtype."""
-    spec = ACTIVATIONS[name]
-    kwargs = spec.kwargs(tuple(params))
-    if grad is None:
-        out = spec.reference(x.double(), **kwargs)
-    else:
-        out = grad.double() * spec.derivative(x.double(), **kwargs)
-    return out.to(x.dtype)
 
 
 # -- module functions ------------------------------------------------------------------------------

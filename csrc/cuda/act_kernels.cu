@@ -74,7 +74,7 @@ __device__ __forceinline__ T apply(const F& f, const T (&v)[kInputs]) {
 
 // out[i] = f(in[0][i], ...) for i < n. Elements [0, head) and those after the last whole pack
 // are done one by one (fewer than N each); the rest as packs of N, kUnroll packs per thread and
-// iteration, all loads issued before the first store.
+// iteration (map_packs: all loads issued before the first store).
 template <class F, class T, int N, int kInputs>
 __global__ void __launch_bounds__(kThreads)
     map_kernel(Inputs<T, kInputs> in, T* out, int64_t n, int64_t head, F f) {
@@ -88,30 +88,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int k = 0; k < kInputs; ++k) in_packs[k] = reinterpret_cast<const P*>(in.ptr[k] + head);
   P* out_packs = reinterpret_cast<P*>(out + head);
   for (int64_t base = thread; base < packs; base += kUnroll * threads) {
-    P loaded[kUnroll][kInputs];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + u * threads;
-      if (i < packs) {
-#pragma unroll
-        for (int k = 0; k < kInputs; ++k) loaded[u][k] = in_packs[k][i];
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + u * threads;
-      if (i < packs) {
-        P result;
-#pragma unroll
-        for (int e = 0; e < N; ++e) {
-          T values[kInputs];
-#pragma unroll
-          for (int k = 0; k < kInputs; ++k) values[k] = loaded[u][k].v[e];
-          result.v[e] = apply(f, values);
-        }
-        out_packs[i] = result;
-      }
-    }
+    map_packs<kUnroll>(
+        in_packs, out_packs,
+        [&](int u) { return base + u * threads < packs ? base + u * threads : int64_t{-1}; },
+        [&](int, const T (&values)[kInputs]) { return apply(f, values); });
   }
   // the scalar edges: the prefix before the first 16-byte boundary, the rest after the packs
   const int64_t tail = head + packs * N;

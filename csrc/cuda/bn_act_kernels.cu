@@ -99,30 +99,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < K; ++k) in_packs[k] = reinterpret_cast<const P*>(in.ptr[k] + plane * s);
     P* out_packs = reinterpret_cast<P*>(out + plane * s);
     for (int64_t base = threadIdx.x; base < packs; base += kUnroll * blockDim.x) {
-      P loaded[kUnroll][K];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t i = base + u * blockDim.x;
-        if (i < packs) {
-#pragma unroll
-          for (int k = 0; k < K; ++k) loaded[u][k] = in_packs[k][i];
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t i = base + u * blockDim.x;
-        if (i < packs) {
-          P result;
-#pragma unroll
-          for (int e = 0; e < N; ++e) {
-            T values[K];
-#pragma unroll
-            for (int k = 0; k < K; ++k) values[k] = loaded[u][k].v[e];
-            result.v[e] = f(ch, values);
-          }
-          out_packs[i] = result;
-        }
-      }
+      map_packs<kUnroll>(
+          in_packs, out_packs,
+          [&](int u) { return base + u * blockDim.x < packs ? base + u * blockDim.x : -1; },
+          [&](int, const T (&values)[K]) { return f(ch, values); });
     }
     c += c_step;
     if (c >= channels) c -= channels;
@@ -145,34 +125,19 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int e = 0; e < N; ++e) ch[e] = f.load(cp * N + e);
   const int64_t row_step = int64_t(gridDim.x) * blockDim.y;
+  const P* in_packs[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) in_packs[k] = reinterpret_cast<const P*>(in.ptr[k]) + cp;
+  P* out_packs = reinterpret_cast<P*>(out) + cp;
   for (int64_t base = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; base < rows;
        base += kUnroll * row_step) {
-    P loaded[kUnroll][K];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t r = base + u * row_step;
-      if (r < rows) {
-#pragma unroll
-        for (int k = 0; k < K; ++k) {
-          loaded[u][k] = reinterpret_cast<const P*>(in.ptr[k])[r * channel_packs + cp];
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t r = base + u * row_step;
-      if (r < rows) {
-        P result;
-#pragma unroll
-        for (int e = 0; e < N; ++e) {
-          T values[K];
-#pragma unroll
-          for (int k = 0; k < K; ++k) values[k] = loaded[u][k].v[e];
-          result.v[e] = f(ch[e], values);
-        }
-        reinterpret_cast<P*>(out)[r * channel_packs + cp] = result;
-      }
-    }
+    map_packs<kUnroll>(
+        in_packs, out_packs,
+        [&](int u) {
+          const int64_t r = base + u * row_step;
+          return r < rows ? r * channel_packs : int64_t{-1};
+        },
+        [&](int e, const T (&values)[K]) { return f(ch[e], values); });
   }
 }
 
@@ -531,26 +496,38 @@ cudaError_t target_blocks(int64_t* blocks) {
   return cudaSuccess;
 }
 
+// A block's threads: `inner` along the inner axis (channel packs; NCHW: positions, in batches
+// of `unroll` packs), `outer` along the outer axis; channels-last needs `tiles` blocks to span
+// the channels.
+struct Lanes {
+  int inner, outer;
+  int64_t tiles;
+};
+
+Lanes lanes_of(const BnGeometry& g, int pack, int unroll) {
+  if (g.channels_last) {
+    const int64_t channel_packs = g.c / pack;
+    const int inner = pow2_clamp(channel_packs, 1, kThreads);
+    return {inner, kThreads / inner, ceil_div(channel_packs, inner)};
+  }
+  const int inner = pow2_clamp(ceil_div(g.s / pack, unroll), 32, kThreads);
+  return {inner, kThreads / inner, 1};
+}
+
 // `pack`: the width the launch uses (pack_for, or 1 where the pointers are not aligned).
 cudaError_t elementwise_plan(BnDType dtype, const BnGeometry& g, int pack, Plan* plan) {
   int64_t target = 0;
   if (cudaError_t err = target_blocks(&target)) return err;
   const int unroll = in_flight(dtype, pack);
+  const Lanes lanes = lanes_of(g, pack, unroll);
+  plan->block = dim3(lanes.inner, lanes.outer);
   if (g.channels_last) {
-    const int64_t channel_packs = g.c / pack;
-    const int lanes = pow2_clamp(channel_packs, 1, kThreads);
-    const int rows_per_block = kThreads / lanes;
-    const int64_t tiles = ceil_div(channel_packs, lanes);
-    const int64_t wanted = ceil_div(g.n * g.s, int64_t(rows_per_block) * unroll);
-    const int64_t cap = ceil_div(target, tiles);
-    plan->grid = dim3(unsigned(wanted < cap ? wanted : cap), unsigned(tiles));
-    plan->block = dim3(lanes, rows_per_block);
+    const int64_t wanted = ceil_div(g.n * g.s, int64_t(lanes.outer) * unroll);
+    const int64_t cap = ceil_div(target, lanes.tiles);
+    plan->grid = dim3(unsigned(wanted < cap ? wanted : cap), unsigned(lanes.tiles));
   } else {
-    const int lanes = pow2_clamp(ceil_div(g.s / pack, unroll), 32, kThreads);
-    const int planes_per_block = kThreads / lanes;
-    const int64_t wanted = ceil_div(g.n * g.c, planes_per_block);
+    const int64_t wanted = ceil_div(g.n * g.c, lanes.outer);
     plan->grid = dim3(unsigned(wanted < target ? wanted : target));
-    plan->block = dim3(lanes, planes_per_block);
   }
   return cudaSuccess;
 }
@@ -559,29 +536,23 @@ cudaError_t reduce_plan(BnDType dtype, const BnGeometry& g, int pack, Plan* plan
   int64_t target = 0;
   if (cudaError_t err = target_blocks(&target)) return err;
   const int unroll = in_flight(dtype, pack);
+  const Lanes lanes = lanes_of(g, pack, unroll);
+  plan->block = dim3(lanes.inner, lanes.outer);
   if (g.channels_last) {
-    const int64_t channel_packs = g.c / pack;
-    const int lanes = pow2_clamp(channel_packs, 1, kThreads);
-    const int rows_per_block = kThreads / lanes;
-    const int64_t tiles = ceil_div(channel_packs, lanes);
     const int batch = unroll > 4 ? unroll : 4;
-    const int64_t most = ceil_div(g.n * g.s, int64_t(rows_per_block) * batch);
-    int64_t shares = ceil_div(target, tiles);
+    const int64_t most = ceil_div(g.n * g.s, int64_t(lanes.outer) * batch);
+    int64_t shares = ceil_div(target, lanes.tiles);
     shares = shares < most ? shares : most;
     shares = shares > 1 ? shares : 1;
-    plan->grid = dim3(unsigned(tiles), unsigned(shares));
-    plan->block = dim3(lanes, rows_per_block);
+    plan->grid = dim3(unsigned(lanes.tiles), unsigned(shares));
     plan->row_chunk = ceil_div(g.n * g.s, shares);
   } else {
-    const int64_t packs = g.s / pack;
-    const int lanes = pow2_clamp(ceil_div(packs, unroll), 32, kThreads);
-    const int batch_lanes = kThreads / lanes;
     const int64_t wanted = ceil_div(target, g.c);
-    int64_t n_chunks = ceil_div(g.n, batch_lanes);
+    int64_t n_chunks = ceil_div(g.n, lanes.outer);
     n_chunks = n_chunks < wanted ? n_chunks : wanted;
     n_chunks = n_chunks > 1 ? n_chunks : 1;
     int64_t s_chunks = ceil_div(wanted, n_chunks);
-    const int64_t s_most = ceil_div(packs, int64_t(lanes) * unroll);
+    const int64_t s_most = ceil_div(g.s / pack, int64_t(lanes.inner) * unroll);
     s_chunks = s_chunks < s_most ? s_chunks : s_most;
     s_chunks = s_chunks > 1 ? s_chunks : 1;
     const int64_t n_chunk = ceil_div(g.n, n_chunks);
@@ -589,7 +560,6 @@ cudaError_t reduce_plan(BnDType dtype, const BnGeometry& g, int pack, Plan* plan
     n_chunks = g.n > 0 ? ceil_div(g.n, n_chunk) : 1;  // no empty shares
     s_chunks = g.s > 0 ? ceil_div(g.s, s_chunk) : 1;
     plan->grid = dim3(unsigned(g.c), unsigned(n_chunks * s_chunks));
-    plan->block = dim3(lanes, batch_lanes);
     plan->nchw = {n_chunk > 0 ? n_chunk : 1, s_chunk > 0 ? s_chunk : pack, s_chunks};
   }
   return cudaSuccess;

@@ -51,6 +51,8 @@ inline bool aligned16(const void* ptr) { return address(ptr) % 16 == 0; }
 // N elements moved as one access (N = 16 / sizeof(T): 16 bytes; N = 1: one element).
 template <class T, int N>
 struct alignas(sizeof(T) * N) Pack {
+  using value_type = T;
+  static constexpr int size = N;
   T v[N];
 };
 
@@ -100,6 +102,38 @@ struct Inputs {
 template <class T, int N>
 __host__ __device__ constexpr int packs_in_flight() {
   return 32 / int(N * sizeof(T)) > 1 ? 32 / int(N * sizeof(T)) : 1;
+}
+
+// One iteration of an elementwise map over packs: loads kUnroll packs of each of the K inputs
+// (pack index(u) of in[k], skipped where index(u) < 0), all before the first store, then stores
+// out[index(u)].v[e] = apply(e, values of element e of every input).
+template <int kUnroll, int K, class P, class Index, class Apply>
+__device__ __forceinline__ void map_packs(const P* const (&in)[K], P* out, const Index& index,
+                                          const Apply& apply) {
+  P loaded[kUnroll][K];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t i = index(u);
+    if (i >= 0) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) loaded[u][k] = in[k][i];
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t i = index(u);
+    if (i >= 0) {
+      P result;
+#pragma unroll
+      for (int e = 0; e < P::size; ++e) {
+        typename P::value_type values[K];
+#pragma unroll
+        for (int k = 0; k < K; ++k) values[k] = loaded[u][k].v[e];
+        result.v[e] = apply(e, values);
+      }
+      out[i] = result;
+    }
+  }
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

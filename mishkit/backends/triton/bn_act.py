@@ -66,17 +66,26 @@ def _channel_values(ptr, o, i, C, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(x_ptr, mean_ptr, scale_ptr, shift_ptr, y_ptr, outer, inner, C, tiles_i,
-                    p0_hi, p0_lo, p1_hi, p1_lo, ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+def _elementwise_tile(x_ptr, mean_ptr, scale_ptr, shift_ptr, outer, inner, C, tiles_i,
+                      CHANNELS_LAST: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    """This program's tile: offsets, mask, row and column ids, x - mean and z = x̂ γ + β."""
     pid = tl.program_id(0)
     offsets, mask, o, i = _tile_offsets((pid // tiles_i).to(tl.int64) * BLOCK_O,
                                         (pid % tiles_i) * BLOCK_I, outer, inner, BLOCK_O, BLOCK_I)
     mean = _channel_values(mean_ptr, o, i, C, CHANNELS_LAST)
     scale = _channel_values(scale_ptr, o, i, C, CHANNELS_LAST)
     shift = _channel_values(shift_ptr, o, i, C, CHANNELS_LAST)
-    x = widen(tl.load(x_ptr + offsets, mask=mask, other=0.0)).to(mean.dtype)
-    z = (x - mean) * scale + shift
+    xmu = widen(tl.load(x_ptr + offsets, mask=mask, other=0.0)).to(mean.dtype) - mean
+    return offsets, mask, o, i, xmu, scale, xmu * scale + shift
+
+
+@triton.jit
+def _forward_kernel(x_ptr, mean_ptr, scale_ptr, shift_ptr, y_ptr, outer, inner, C, tiles_i,
+                    p0_hi, p0_lo, p1_hi, p1_lo, ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    offsets, mask, _, _, _, _, z = _elementwise_tile(x_ptr, mean_ptr, scale_ptr, shift_ptr,
+                                                     outer, inner, C, tiles_i, CHANNELS_LAST,
+                                                     BLOCK_O, BLOCK_I)
     y = forward_math(z, param(p0_hi, p0_lo, z), param(p1_hi, p1_lo, z), ACT)
     tl.store(y_ptr + offsets, narrow(y, y_ptr.dtype.element_ty), mask=mask)
 
@@ -87,16 +96,10 @@ def _backward_elemt_kernel(g_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, coef_xm
                            p0_hi, p0_lo, p1_hi, p1_lo, ACT: tl.constexpr,
                            CHANNELS_LAST: tl.constexpr, BLOCK_O: tl.constexpr,
                            BLOCK_I: tl.constexpr):
-    pid = tl.program_id(0)
-    offsets, mask, o, i = _tile_offsets((pid // tiles_i).to(tl.int64) * BLOCK_O,
-                                        (pid % tiles_i) * BLOCK_I, outer, inner, BLOCK_O, BLOCK_I)
-    mean = _channel_values(mean_ptr, o, i, C, CHANNELS_LAST)
-    scale = _channel_values(scale_ptr, o, i, C, CHANNELS_LAST)
-    shift = _channel_values(shift_ptr, o, i, C, CHANNELS_LAST)
-    x = widen(tl.load(x_ptr + offsets, mask=mask, other=0.0)).to(mean.dtype)
-    g = widen(tl.load(g_ptr + offsets, mask=mask, other=0.0)).to(mean.dtype)
-    xmu = x - mean
-    z = xmu * scale + shift
+    offsets, mask, o, i, xmu, scale, z = _elementwise_tile(x_ptr, mean_ptr, scale_ptr,
+                                                           shift_ptr, outer, inner, C, tiles_i,
+                                                           CHANNELS_LAST, BLOCK_O, BLOCK_I)
+    g = widen(tl.load(g_ptr + offsets, mask=mask, other=0.0)).to(xmu.dtype)
     dz = g * derivative_math(z, param(p0_hi, p0_lo, z), param(p1_hi, p1_lo, z), ACT)
     grad_x = dz * scale + xmu * _channel_values(coef_xmu_ptr, o, i, C, CHANNELS_LAST)
     grad_x += _channel_values(coef_const_ptr, o, i, C, CHANNELS_LAST)
