@@ -118,16 +118,16 @@ def stages(rehearsal: bool) -> list[Stage]:
               ["-m", "gpu", "tests/test_extension.py", *CUDA_IDS], fixed, quick=True),
         Stage(3, "bandwidth", "Mish bandwidth at 2^26 (fp32, bf16)", "bench", 100,
               [*device, *bandwidth], quick=True, expected=expected),
-        Stage(4, "gpu-tests", "all other GPU tests (xdist)", "pytest", 110,
+        Stage(4, "gpu-tests", "all other GPU tests (xdist)", "pytest", 100,
               ["-m", "gpu or triton", "tests", "--ignore", "tests/segmentation",  # no GPU tests
                "--deselect", "tests/test_extension.py",
                *(a for i in (*_activation_ids("triton"), *CUDA_IDS, *MEMCHECK_IDS)
                  for a in ("--deselect", i))],
-              fixed, test_timeout_s=100, workers=8),
+              fixed, test_timeout_s=90, workers=8),
         Stage(5, "layers", "BN+act, network and memory benchmarks", "bench", 80,
               [*device, "--suites", "bn_act,network,memory"]),
-        Stage(6, "memcheck", "compute-sanitizer memcheck / racecheck", "pytest", 45,
-              ["-m", "gpu", *MEMCHECK_IDS], fixed, test_timeout_s=45),
+        Stage(6, "memcheck", "compute-sanitizer memcheck / racecheck", "pytest", 55,
+              ["-m", "gpu", *MEMCHECK_IDS], fixed, test_timeout_s=55),
     ]
 
 

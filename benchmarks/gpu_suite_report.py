@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import tarfile
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -255,11 +256,12 @@ def render(results: list[dict], records: list[dict], environment: dict, mode: st
         lines += ["## Skipped tests", "",
                   *(f"- stage {n}: {count} × {reason}" for (n, reason), count in reasons.items()),
                   ""]
+    slug = re.sub(r"[^a-z0-9]+", "-", str(environment.get("device", "device")).lower())
     lines += ["## Targets", "", *targets_table(target_rows), "",
               "Files: summary.md, suite.log (all stage output), results.jsonl (every benchmark "
               "record), results.tar.gz (junit XML, benchmark folders with summary.md and PNGs, "
               "build log, environment.json). To commit: unpack the bench-* folders into "
-              "benchmarks/results/<device>/.", ""]
+              f"benchmarks/results/{slug.strip('-')}/ and update README's GPU targets table.", ""]
     short = ["", "## mishkit GPU suite: stages", "",
              *_table(["#", "stage", "status", "time"], [row[:4] for row in stage_rows]), "",
              "## Targets", "", *targets_table(target_rows), "", f"RESULT: {verdict}"]
