@@ -46,8 +46,10 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     with_cuda = _want_cuda(torch.version.cuda, CUDA_HOME)
-    # -g0: Python's default CFLAGS carry -g, which made the .so 16x larger than its code
-    cxx_flags = ["-O3", "-g0", "-std=c++17", "-fvisibility=hidden"]
+    # -g0: Python's default CFLAGS carry -g, which made the .so 16x larger than its code. No
+    # -std: torch's extension build gives the standard its own headers need (C++20 in torch
+    # 2.13, whose headers warn under C++17); the sources compile as either (.ci/run checks both).
+    cxx_flags = ["-O3", "-g0", "-fvisibility=hidden"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     define_macros = [
         ("MISHKIT_WITH_CUDA", "1" if with_cuda else "0"),
@@ -64,7 +66,7 @@ def _extensions():
         kwargs["sources"] += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
         kwargs["extra_compile_args"] = {
             "cxx": cxx_flags,
-            "nvcc": ["-O3", "-std=c++17", "-lineinfo"],
+            "nvcc": ["-O3", "-lineinfo"],
         }
         ext = CUDAExtension(**kwargs)
     else:

@@ -132,12 +132,14 @@ struct Mish : NoParams {
     const V n = e * (e + V(2));
     return with_limits<M>(x, x * (n / (n + V(2))), V(0));
   }
+  // One reciprocal r = 1 / (n + 2) serves both terms: tanh(softplus(x)) = n r and
+  // sigmoid(x) (1 - tanh^2(softplus(x))) = 4 e (e + 1) r^2.
   template <class M, class V = typename M::V>
   static HOST_DEVICE V derivative(V x, const Params<V>&) {
     const V e = M::exp(M::select(M::gt(x, V(20)), V(20), x));
     const V n = e * (e + V(2));
-    const V q = n + V(2);
-    const V d = n / q + x * (V(4) * e * (e + V(1)) / (q * q));  // x last: no 4 x overflow
+    const V r = V(1) / (n + V(2));
+    const V d = n * r + x * (V(4) * e * (e + V(1)) * (r * r));  // x last: no 4 x overflow
     return with_limits<M>(x, M::select(M::gt(x, V(20)), V(1), d), V(0), V(1));
   }
 };
@@ -217,14 +219,16 @@ struct Hardmish : NoParams {
   }
 };
 
-// torch semantics: x itself where beta x > threshold.
+// torch semantics: x itself where beta x > threshold. log(1 + e^bx) = max(bx, 0) + log1p(e^-|bx|)
+// cannot overflow (a threshold of inf lets bx reach exp's range).
 struct Softplus {
   static constexpr int kNumParams = 2;
   static constexpr const char* kParams = "beta, threshold";
   template <class M, class V = typename M::V>
   static HOST_DEVICE V forward(V x, const Params<V>& p) {
     const V bx = x * p.p0;
-    return M::select(M::gt(bx, p.p1), x, M::log1p(M::exp(bx)) / p.p0);
+    const V softplus = M::select(M::gt(bx, V(0)), bx, V(0)) + M::log1p(M::exp(M::neg(M::abs(bx))));
+    return M::select(M::gt(bx, p.p1), x, softplus / p.p0);
   }
   template <class M, class V = typename M::V>
   static HOST_DEVICE V derivative(V x, const Params<V>& p) {

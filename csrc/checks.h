@@ -49,7 +49,8 @@ void check_cuda_tensor(const at::Tensor& t, const Where&... where) {
 
 // Activation ops ------------------------------------------------------------------------------
 
-// x: a float tensor; name: a canonical activation name; params: its parameter count, finite.
+// x: a float tensor; name: a canonical activation name; params: its parameter count, not NaN,
+// finite except a "threshold" (+-inf switches the cut-off off or on everywhere, as torch allows).
 ActCall check_forward_args(const char* op, const at::Tensor& x, c10::string_view name,
                            c10::ArrayRef<double> params);
 
@@ -57,16 +58,26 @@ ActCall check_forward_args(const char* op, const at::Tensor& x, c10::string_view
 ActCall check_backward_args(const char* op, const at::Tensor& grad_out, const at::Tensor& x,
                             c10::string_view name, c10::ArrayRef<double> params);
 
+// Layouts ---------------------------------------------------------------------------------------
+
+// a and b (of one shape) address their elements alike: equal strides on every dim of size > 1.
+// A size-1 dim's stride never addresses a second element, so it is layout-neutral (torch's
+// is_contiguous ignores it too; e.g. a pooled (N, C, 1, 1) channels_last tensor is contiguous).
+bool same_layout(const at::Tensor& a, const at::Tensor& b);
+
 // Fused BatchNorm + activation ops ------------------------------------------------------------
 
-// x: a float (N, C, ...) tensor, dense (NCHW-contiguous or channels_last).
+// x: a float (N, C, ...) tensor the kernels index directly: NCHW-contiguous, or channels-last
+// (channels innermost: channels_last for 4-D, channels_last_3d for 5-D). The kernels treat any x
+// that is not contiguous as channels-last.
 void check_bn_input(const char* op, const at::Tensor& x);
 
 // Each vector: contiguous (C,), in x's compute dtype, on x's device.
 void check_channel_vectors(const char* op, const at::Tensor& x,
                            std::initializer_list<const at::Tensor*> vectors);
 
-// grad_out: x's shape, dtype, device and strides (the kernels index both with one offset).
+// grad_out: x's shape, dtype, device and layout (same_layout: the kernels index both with one
+// offset).
 void check_bn_grad(const char* op, const at::Tensor& grad_out, const at::Tensor& x);
 
 }  // namespace mishkit

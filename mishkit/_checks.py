@@ -43,11 +43,23 @@ def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
 
 
+def match_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` (of ``like``'s shape) if it already has dense ``like``'s layout (:func:`same_layout`),
+    else a copy with exactly ``like``'s strides: kernels then index both with one offset."""
+    if same_layout(t, like):
+        return t
+    return torch.empty_like(like).copy_(t)
+
+
 def dense_format(x: torch.Tensor) -> torch.memory_format:
-    """The memory format the BN+act kernels index directly: NCHW-contiguous, else channels_last."""
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-    if channels_last and not x.is_contiguous():
+    """The memory format the BN+act kernels index directly: NCHW-contiguous, else channels-last
+    (channels innermost: ``channels_last`` for 4-D, ``channels_last_3d`` for 5-D tensors)."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
     return torch.contiguous_format
 
 

@@ -46,6 +46,8 @@ class ActivationSpec:
     monotonic: bool = False
     bounded_below: bool = True
     smooth: bool = True  # C-infinity
+    # parameters that may be +-inf (a threshold: inf switches the cut-off off, as torch allows)
+    infinite_params: tuple[str, ...] = ()
 
     def bind(self, args: tuple, kwargs: dict) -> tuple[float, ...]:
         """Resolve positional/keyword parameters to the ordered float tuple the kernels take."""
@@ -66,8 +68,10 @@ class ActivationSpec:
         for key, value in values.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{self.name}() parameter {key!r} must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise ValueError(f"{self.name}() parameter {key!r} must be finite, got {value!r}")
+            if math.isnan(value) or (math.isinf(value) and key not in self.infinite_params):
+                allowed = "finite or +-inf" if key in self.infinite_params else "finite"
+                raise ValueError(
+                    f"{self.name}() parameter {key!r} must be {allowed}, got {value!r}")
         return tuple(float(values[k]) for k in names)
 
     def kwargs(self, params: tuple[float, ...]) -> dict[str, float]:
@@ -190,7 +194,9 @@ def _hardmish_grad(x):
 
 def _softplus(x, beta, threshold):
     bx = x * beta
-    return torch.where(bx > threshold, x, torch.log1p(torch.exp(bx)) / beta)
+    # log(1 + e^bx) = max(bx, 0) + log1p(e^-|bx|): no overflow where threshold = inf lets bx grow
+    softplus = bx.clamp(min=0) + torch.log1p(torch.exp(-bx.abs()))
+    return torch.where(bx > threshold, x, softplus / beta)
 
 
 def _softplus_grad(x, beta, threshold):
@@ -291,7 +297,8 @@ register(ActivationSpec("hardmish", "HardMish", "x * min(2, max(0, x + 2)) / 2",
 register(ActivationSpec("softplus", "Softplus",
                         "log(1 + exp(beta x)) / beta  (x where beta x > threshold)",
                         _softplus, _softplus_grad, params={"beta": 1.0, "threshold": 20.0},
-                        native=F.softplus, torch_module="Softplus", monotonic=True))
+                        native=F.softplus, torch_module="Softplus", monotonic=True,
+                        infinite_params=("threshold",)))
 register(ActivationSpec("tanhexp", "TanhExp", "x * tanh(exp(x))", _tanhexp, _tanhexp_grad,
                         aliases=("tanh_exp",)))
 register(ActivationSpec("serf", "Serf", "x * erf(log(1 + exp(x)))", _serf, _serf_grad))

@@ -11,9 +11,10 @@ pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
 
 # torch first and pinned: any unpinned torch (or a build-isolated build) pulls GBs of CUDA wheels.
 "$PY" -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
-"$PY" -c "import triton, pytest, hypothesis, ruff, importlinter, ninja, yaml, PIL, tqdm, matplotlib, \
-scipy, submitit" 2>/dev/null || pip_install "torch==2.13.0" setuptools wheel ninja triton pytest \
-       hypothesis ruff import-linter expecttest numpy pyyaml pillow tqdm matplotlib scipy submitit
+"$PY" -c "import triton, pytest, pytest_timeout, xdist, hypothesis, ruff, importlinter, ninja, yaml, \
+PIL, tqdm, matplotlib, scipy, submitit" 2>/dev/null || pip_install "torch==2.13.0" setuptools wheel \
+       ninja triton pytest pytest-timeout pytest-xdist hypothesis ruff import-linter expecttest \
+       numpy pyyaml pillow tqdm matplotlib scipy submitit
 # transformers (pure Python) for the conversion tests on real model code; torch pinned beside it
 "$PY" -c "import transformers" 2>/dev/null || pip_install "torch==2.13.0" transformers
 

@@ -45,6 +45,19 @@ def reference_grad(name: str, x: torch.Tensor, grad: torch.Tensor, **params) -> 
     return grad.double() * spec.derivative(x.double(), **{**spec.params, **params})
 
 
+def kernel_expected(name: str, x: torch.Tensor, params, grad=None) -> torch.Tensor:
+    """What a kernel given the ordered parameter list ``params`` must return: the float64
+    formula at the (rounded) input, ``grad * f'(x)`` when ``grad`` is given, rounded once to x's
+    dtype."""
+    spec = ACTIVATIONS[name]
+    kwargs = spec.kwargs(tuple(params))
+    if grad is None:
+        out = spec.reference(x.double(), **kwargs)
+    else:
+        out = grad.double() * spec.derivative(x.double(), **kwargs)
+    return out.to(x.dtype)
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None):
     """``actual`` within ``dtype``'s tolerance (default: ``expected``'s) of ``expected`` rounded
     to ``dtype``; nan == nan."""

@@ -138,6 +138,78 @@ def test_inplace(name, backend):
         MF.activation(leaf * 2, name, inplace=True, backend=backend)
 
 
+INPLACE_OPS = {"cpu": "act_forward_", "triton": "triton_act_forward_"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_bumps_the_version_counter(backend):
+    # autograd saved x for w's gradient; overwriting x afterwards must make backward raise, as
+    # torch's own F.silu(x, inplace=True) does, instead of silently using silu(x) as the input
+    w = torch.tensor([2.0, 3.0], requires_grad=True)
+    x = torch.tensor([1.0, -1.0])
+    y = x * w
+    version = x._version
+    with torch.no_grad():
+        MF.silu(x, inplace=True, backend=backend)
+    assert x._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in INPLACE_OPS])
+def test_inplace_op_follows_torch_inplace_semantics(backend):
+    op = getattr(torch.ops.mishkit, INPLACE_OPS[backend])
+    x = torch.randn(6)
+    for mode in (torch.no_grad, torch.enable_grad, torch.inference_mode):  # like torch.relu_
+        version, native = x._version, x.clone()
+        with mode():
+            assert op(x, "relu", []) is x
+            torch.relu_(native)
+        assert x._version - version == 1 and torch.equal(x, native)
+    leaf = torch.randn(3, requires_grad=True)
+    for tracked in (leaf, leaf * 2):  # f'(x) needs the x the op would overwrite
+        with pytest.raises(RuntimeError, match=r"x requires grad, and the in-place activation"):
+            op(tracked, "mish", [])
+    with torch.no_grad():
+        op(leaf * 2, "mish", [])  # not recorded: allowed
+    with torch.inference_mode():
+        inference = torch.randn(3)
+    with pytest.raises(RuntimeError, match=r"(?i)in-?place update to (an )?inference tensor"):
+        op(inference, "relu", [])
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in INPLACE_OPS])
+@pytest.mark.parametrize("name", ["mish", "softplus", "leaky_relu"])
+def test_opcheck_inplace(name, backend):
+    # aot_dispatch is left out: functionalization rejects custom ops returning an alias of their
+    # input (`-> Tensor(a!)`); under torch.compile the dispatch writes back an out-of-place result
+    op = getattr(torch.ops.mishkit, INPLACE_OPS[backend])
+    params = list(ACTIVATIONS[name].bind((), PARAMS.get(name, {})))
+    x = away_from_kinks(torch.randn(40, generator=torch.Generator().manual_seed(6)))
+    torch.library.opcheck(op, (x, name, params),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softplus_threshold_may_be_infinite_like_torch(backend):
+    x = torch.linspace(-30, 30, 121, dtype=torch.float64).requires_grad_(True)
+    for threshold in (math.inf, -math.inf):
+        y = MF.softplus(x, 2.0, threshold=threshold, backend=backend)
+        want = torch.nn.functional.softplus(x, 2.0, threshold)  # +inf: never x; -inf: always x
+        torch.testing.assert_close(y, want)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+        (want_grad,) = torch.autograd.grad(want.sum(), x)
+        torch.testing.assert_close(grad, want_grad)
+    # no overflow where beta x passes exp's range in float32 (torch's float32 kernel gives inf)
+    big = torch.tensor([89.0, 1e4, math.inf])
+    assert torch.equal(MF.softplus(big, threshold=math.inf, backend=backend), big)
+    with pytest.raises(ValueError, match="'threshold' must be finite or"):
+        MF.softplus(x, threshold=math.nan, backend=backend)
+    with pytest.raises(ValueError, match="'beta' must be finite"):
+        MF.softplus(x, beta=math.inf, backend=backend)
+
+
 def layouts():
     base = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(4))
     return {

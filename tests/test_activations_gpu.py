@@ -126,10 +126,12 @@ def test_compute_sanitizer_memcheck():
         from mishkit.registry import ACTIVATIONS
         for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             base = torch.randn(1037, device="cuda", dtype=dtype)
-            for x in (base, base[1:], base[5:21]):
+            for x in (base, base[1:], base[5:21]):  # packs, prefix + packs + suffix, scalar
                 for name in ACTIVATIONS:
-                    xg = x.clone().requires_grad_(True)
+                    xg = x.detach().requires_grad_(True)
                     MF.activation(xg, name, backend="cuda").sum().backward()
+                    with torch.no_grad():  # in place on a view: one pointer, same prefix
+                        MF.activation(base.clone()[1:], name, inplace=True, backend="cuda")
         torch.cuda.synchronize()
         print("clean")
     """)

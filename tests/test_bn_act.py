@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -166,6 +170,112 @@ def test_channels_last_without_layout_change(backend, training):
     y_ref.backward(grad)
     torch.testing.assert_close(x.grad, x_ref.grad)
     assert x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@backend_param
+@pytest.mark.parametrize("training", [True, False])
+def test_pooled_channels_last_input_with_a_contiguous_grad(backend, training):
+    # squeeze-excitation / pooled heads: adaptive_avg_pool2d of a channels_last map is (N, C, 1, 1)
+    # with strides (C, 1, C, C), and autograd hands back a contiguous grad: the strides differ
+    # only on size-1 dims, which address nothing, so neither a rejection nor a copy is right
+    torch.manual_seed(8)
+    fused, bn = _pair(4, "mish", backend=backend)
+    _set_mode(training, fused, bn)
+    x = torch.randn(6, 4, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    pooled = F.adaptive_avg_pool2d(x, 1).detach().requires_grad_()
+    assert pooled.stride() == (4, 1, 4, 4)
+    pooled_ref = pooled.detach().clone().requires_grad_()
+    y, y_ref = fused(pooled), reference(bn, pooled_ref, "mish", {})
+    torch.testing.assert_close(y, y_ref)
+    grad = torch.randn(6, 4, 1, 1, dtype=torch.float64)
+    assert grad.stride() == (4, 1, 1, 1)
+    got = torch.autograd.grad(y, [pooled, fused.weight, fused.bias], grad)
+    expected = torch.autograd.grad(y_ref, [pooled_ref, bn.weight, bn.bias], grad)
+    for name, a, b in zip(("x", "weight", "bias"), got, expected):
+        torch.testing.assert_close(a, b, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_kernels_take_grads_whose_strides_differ_only_on_size_one_dims(backend):
+    kernels = backends.kernels(backend).bn_act
+    x = torch.randn(3, 5, 1, 4, dtype=torch.float64)
+    grad = torch.randn(3, 5, 4, 1, dtype=torch.float64).transpose(2, 3)  # size-1 dim moved
+    assert grad.stride() != x.stride() and grad.is_contiguous()
+    mean, var = kernels.stats(x)
+    scale, shift = var.rsqrt(), torch.linspace(-1, 1, 5, dtype=torch.float64)
+    got = (kernels.backward_reduce(grad, x, mean, scale, shift, "silu", []),
+           kernels.backward_elemt(grad, x, mean, scale, shift, scale, shift, "silu", []))
+    want = (torch_backend.bn_act_backward_reduce(grad, x, mean, scale, shift, "silu", []),
+            torch_backend.bn_act_backward_elemt(grad, x, mean, scale, shift, scale, shift,
+                                                "silu", []))
+    torch.testing.assert_close(got, want)
+    other = torch.randn(3, 4, 1, 5, dtype=torch.float64).permute(0, 3, 2, 1)  # a real difference
+    with pytest.raises((RuntimeError, ValueError), match="grad_out must have x's shape"):
+        kernels.backward_reduce(other, x, mean, scale, shift, "silu", [])
+
+
+@backend_param
+def test_channels_last_3d_is_indexed_without_a_copy(backend, monkeypatch):
+    real = backends.kernels(backend).bn_act
+    inputs = []
+
+    def recording_forward(x, *args):
+        inputs.append(x)
+        return real.forward(x, *args)
+
+    monkeypatch.setitem(backends._KERNELS, backend, KernelSet(
+        backends.kernels(backend).act, real._replace(forward=recording_forward)))
+    torch.manual_seed(9)
+    weight = torch.rand(4, dtype=torch.float64) + 0.5
+    bias = torch.randn(4, dtype=torch.float64)
+    x = torch.randn(2, 4, 3, 5, 6, dtype=torch.float64) \
+        .contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    x_ref = x.detach().contiguous().requires_grad_()
+    y = batch_norm_act(x, None, None, weight, bias, True, 0.1, 1e-5, "gelu", (), backend)
+    assert inputs[0].data_ptr() == x.data_ptr()  # the kernels indexed x itself
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    y_ref = F.gelu(F.batch_norm(x_ref, None, None, weight, bias, True, 0.1, 1e-5))
+    torch.testing.assert_close(y, y_ref)
+    grad = torch.randn_like(y_ref)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+@backend_param
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float32_statistics_keep_the_variance_of_a_large_offset(backend, channels_last):
+    # 1e4 + N(0, 1): in float32, E[x^2] - E[x]^2 would cancel to noise; Welford merges and
+    # two-pass sums keep it
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    x = (x * torch.tensor([1.0, 0.1, 3.0], dtype=torch.float64).view(1, 3, 1, 1) + 1e4).float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mean, var = backends.kernels(backend).bn_act.stats(x)
+    want_var, want_mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), want_var, rtol=1e-3, atol=0)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not available here")
+def test_triton_kernels_take_parameters_as_scalars(monkeypatch):
+    # a tensor built from host values per call is a pageable host-to-device copy plus a stream
+    # sync on GPU, and illegal under CUDA-graph capture
+    from mishkit.backends.triton import bn_act as triton_bn_act
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a Triton BN+act op built a tensor from host values")
+
+    x = torch.randn(2, 3, 4, 4)
+    mean, scale, shift = torch.zeros(3), torch.ones(3), torch.zeros(3)
+    monkeypatch.setattr(torch, "tensor", forbidden)
+    monkeypatch.setattr(torch, "as_tensor", forbidden)
+    params = ["softplus", [2.0, 5.0]]
+    triton_bn_act.stats(x)
+    triton_bn_act.forward(x, mean, scale, shift, *params)
+    triton_bn_act.backward_reduce(x, x, mean, scale, shift, *params)
+    triton_bn_act.backward_elemt(x, x, mean, scale, shift, scale, shift, *params)
 
 
 @backend_param
@@ -420,6 +530,67 @@ def test_gpu_backends_match_batchnorm_then_activation(backend, dtype, channels_l
     torch.testing.assert_close(fused.running_var.double(), bn64.running_var, **tol)
     if channels_last:
         assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gpu_bn_act_is_cuda_graph_capturable(backend, channels_last):
+    # no host-to-device copy, no sync, no host-built tensor per call: forward and backward can be
+    # captured once and replayed (torch.cuda.make_graphed_callables warms up, then captures)
+    torch.manual_seed(11)
+    fused = BatchNormAct2d(16, "softplus", beta=2.0, threshold=5.0, backend=backend).cuda()
+    eager = copy.deepcopy(fused)
+    x = torch.randn(8, 16, 12, 12, device="cuda")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    graphed = torch.cuda.make_graphed_callables(fused, (x.clone().requires_grad_(),))
+    for step in range(2):
+        data = (x * (step + 1)).requires_grad_()
+        reference = data.detach().clone().requires_grad_()
+        y, y_ref = graphed(data), eager(reference)
+        grad = torch.randn_like(y_ref)
+        y.backward(grad)
+        y_ref.backward(grad)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(data.grad, reference.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None,
+                    reason="compute-sanitizer not on PATH")
+def test_compute_sanitizer_bn_act():
+    # memcheck: every BN+act kernel of the CUDA backend in both layouts, vector and scalar paths
+    # (an odd spatial size, a misaligned base), every dtype; racecheck: the shared-memory merges
+    script = textwrap.dedent("""
+        import sys, torch
+        from mishkit.batchnorm import BatchNormAct2d
+        shapes = [(3, 8, 4, 4), (2, 6, 5, 5)] if sys.argv[1] == "memcheck" else [(2, 8, 4, 4)]
+        dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+        for dtype in dtypes if sys.argv[1] == "memcheck" else (torch.float32,):
+            for shape in shapes:
+                for fmt in (torch.contiguous_format, torch.channels_last):
+                    for offset in (0, 1):
+                        x = torch.randn(shape, device="cuda").to(dtype)
+                        x = x.contiguous(memory_format=fmt)
+                        if offset:  # the same layout one element past a 16-byte boundary
+                            storage = torch.empty(x.numel() + 1, device="cuda", dtype=dtype)
+                            x = storage[1:].as_strided(x.shape, x.stride()).copy_(x)
+                        fused = BatchNormAct2d(shape[1], "mish", backend="cuda").cuda()
+                        x.requires_grad_(True)
+                        fused(x).float().sum().backward()
+                        with torch.no_grad():
+                            fused.eval()(x)
+        torch.cuda.synchronize()
+        print("clean")
+    """)
+    for tool in ("memcheck", "racecheck"):
+        result = subprocess.run(["compute-sanitizer", "--tool", tool, "--error-exitcode", "1",
+                                 sys.executable, "-c", script, tool], capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0 and "clean" in result.stdout, \
+            f"{tool}: {result.stdout[-3000:]}{result.stderr[-3000:]}"
 
 
 # Triton ops get their fake kernels from torch.library.triton_op, which traces wrap_triton on

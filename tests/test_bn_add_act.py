@@ -58,6 +58,26 @@ def test_matches_batchnorm_add_activation(backend, activation, params, training)
 
 
 @backend_param
+def test_pooled_channels_last_block_with_contiguous_grads(backend):
+    # a squeeze-excitation branch: (N, C, 1, 1) tensors whose channels_last strides differ from
+    # the contiguous grad only on size-1 dims; the residual is contiguous
+    torch.manual_seed(4)
+    fused, bn = _pair(4, "silu", backend=backend)
+    features = torch.randn(6, 4, 5, 5, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    x = F.adaptive_avg_pool2d(features, 1).detach().requires_grad_()
+    residual = torch.randn(6, 4, 1, 1, dtype=torch.float64, requires_grad=True)
+    x_ref, residual_ref = _detached(x, residual)
+    y, y_ref = fused(x, residual), reference(bn, x_ref, residual_ref, "silu", {})
+    torch.testing.assert_close(y, y_ref)
+    grad = torch.randn(6, 4, 1, 1, dtype=torch.float64)
+    got = torch.autograd.grad(y, [x, residual, fused.weight], grad)
+    expected = torch.autograd.grad(y_ref, [x_ref, residual_ref, bn.weight], grad)
+    for name, a, b in zip(("x", "residual", "weight"), got, expected):
+        torch.testing.assert_close(a, b, msg=f"grad {name}")
+
+
+@backend_param
 @pytest.mark.parametrize("activation,params", [("mish", {}), ("elu", {"alpha": 0.7})])
 @pytest.mark.parametrize("use_batch_stats", [True, False])
 def test_gradcheck_float64(backend, activation, params, use_batch_stats):

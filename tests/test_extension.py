@@ -19,6 +19,7 @@ from mishkit import backends
 from mishkit.registry import ACTIVATIONS
 
 from .helpers import DTYPES, SPECIAL, assert_close, param_list
+from .helpers import kernel_expected as expected
 
 _C, _REASON = backends.extension_module()
 # Skip only where nothing was built; a built .so that fails to load is a failure, not a skip.
@@ -68,17 +69,6 @@ def grid(dtype, n_random=300):
                         torch.linspace(-30, 30, 601, dtype=torch.float64),
                         torch.randn(n_random, generator=gen, dtype=torch.float64) * 8])
     return values.to(dtype)
-
-
-def expected(name, x, params, grad=None):
-    """float64 registry formulas at the (rounded) input, rounded once to x's dtype."""
-    spec = ACTIVATIONS[name]
-    kwargs = spec.kwargs(tuple(params))
-    if grad is None:
-        out = spec.reference(x.double(), **kwargs)
-    else:
-        out = grad.double() * spec.derivative(x.double(), **kwargs)
-    return out.to(x.dtype)
 
 
 # -- module functions ------------------------------------------------------------------------------
@@ -271,10 +261,47 @@ def test_unknown_activation_lists_the_valid_names():
     ("softplus", [1.0], r"expected 2 parameter\(s\) \[beta, threshold\], got 1"),
     ("leaky_relu", [], r"expected 1 parameter\(s\) \[negative_slope\], got 0"),
     ("elu", [math.nan], "must be finite"),
+    ("elu", [math.inf], r"parameter 0 \(alpha\) must be finite, got inf"),
+    ("softplus", [math.inf, 20.0], r"parameter 0 \(beta\) must be finite, got inf"),
+    ("softplus", [1.0, math.nan], r"parameter 1 \(threshold\) must be finite or \+-inf"),
 ])
 def test_bad_parameter_lists(name, params, message):
     with pytest.raises(ValueError, match=message):
         ops.act_forward(torch.zeros(2), name, params)
+
+
+@pytest.mark.parametrize("threshold", [math.inf, -math.inf])
+def test_softplus_threshold_may_be_infinite(threshold):
+    x = torch.linspace(-20, 95, 47, dtype=torch.float64)
+    got = ops.act_forward(x.float(), "softplus", [1.0, threshold])
+    assert_close(got, torch.nn.functional.softplus(x, 1.0, threshold), torch.float32)
+    got = ops.act_backward(torch.ones(47), x.float(), "softplus", [1.0, threshold])
+    want = torch.sigmoid(x) if threshold > 0 else torch.ones_like(x)
+    assert_close(got, want, torch.float32)
+
+
+def test_inplace_op_declares_its_mutation_and_bumps_the_version():
+    # the schema's (a!) plus the ADInplaceOrView kernel: exactly one bump per call, like relu_
+    x = torch.randn(8)
+    before = x._version
+    ops.act_forward_(x, "relu", [])
+    assert x._version == before + 1
+    schema = ops.act_forward_.default._schema
+    assert schema.arguments[0].alias_info.is_write and schema.is_mutable
+    for key in ("Autograd", "ADInplaceOrView"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("mishkit::act_forward_", key)
+
+
+def test_bn_kernels_accept_channels_last_3d_and_size_one_strides():
+    x = torch.randn(2, 3, 2, 4, 5, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last_3d)
+    mean, var = ops.bn_act_stats(x)
+    torch.testing.assert_close(var, x.var(dim=(0, 2, 3, 4), correction=0))
+    vec = torch.ones(3, dtype=torch.float64)
+    y = ops.bn_act_forward(x, mean, vec, vec * 0, "relu", [])
+    assert y.stride() == x.stride()
+    with pytest.raises(ValueError, match=r"contiguous, channels_last \(4-D\) or channels_last_3d"):
+        ops.bn_act_forward(x.transpose(2, 3), mean, vec, vec, "relu", [])
 
 
 def test_backward_shape_and_dtype_mismatch():

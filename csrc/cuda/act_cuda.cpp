@@ -75,7 +75,7 @@ at::Tensor act_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xd = dense(x);
   at::Tensor g = grad_out;
-  if (g.strides() != xd.strides()) {  // the flat map needs grad_out in x's layout
+  if (!same_layout(g, xd)) {  // the flat map needs grad_out in x's layout (size-1 dims aside)
     g = at::empty_like(xd);
     g.copy_(grad_out);
   }

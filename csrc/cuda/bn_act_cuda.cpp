@@ -4,7 +4,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -26,6 +25,8 @@ cuda::BnDType dtype_of(const at::Tensor& x) {
   }
 }
 
+// check_bn_input admits NCHW-contiguous or channels-last (4-D or 5-D): not contiguous means the
+// channels are innermost.
 cuda::BnGeometry geometry_of(const at::Tensor& x) {
   int64_t spatial = 1;
   for (int64_t d = 2; d < x.dim(); ++d) spatial *= x.size(d);
@@ -37,13 +38,17 @@ at::Tensor channel_vector(const at::Tensor& x) {
   return at::empty({x.size(1)}, x.options().dtype(compute));
 }
 
-at::Tensor workspace_for(const at::Tensor& x) {
-  return at::zeros({2 * x.size(1)}, x.options().dtype(at::kDouble));
-}
-
 void check_launch(const char* op, cudaError_t error) {
   TORCH_CHECK(error == cudaSuccess, op, ": CUDA kernel launch failed: ",
               cudaGetErrorString(error));
+}
+
+// The reductions' per-block partial results (from the caching allocator: no sync, no memset).
+at::Tensor workspace_for(const char* op, const at::Tensor& x) {
+  int64_t bytes = 0;
+  check_launch(op, cuda::bn_act_workspace_bytes(dtype_of(x), geometry_of(x), &bytes));
+  return at::empty({bytes / static_cast<int64_t>(sizeof(double))},
+                   x.options().dtype(at::kDouble));
 }
 
 void check_cuda(const char* op, const at::Tensor& x) {
@@ -52,14 +57,15 @@ void check_cuda(const char* op, const at::Tensor& x) {
 }
 
 std::tuple<at::Tensor, at::Tensor> stats_cuda(const at::Tensor& x) {
-  check_cuda("mishkit::bn_act_stats", x);
+  constexpr const char* op = "mishkit::bn_act_stats";
+  check_cuda(op, x);
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor mean = channel_vector(x), var = channel_vector(x), workspace = workspace_for(x);
-  check_launch("mishkit::bn_act_stats",
-               cuda::launch_bn_act_stats(x.const_data_ptr(), dtype_of(x), geometry_of(x),
-                                         mean.data_ptr(), var.data_ptr(),
-                                         workspace.data_ptr<double>(),
-                                         c10::cuda::getCurrentCUDAStream()));
+  at::Tensor mean = channel_vector(x), var = channel_vector(x);
+  at::Tensor workspace = workspace_for(op, x);
+  check_launch(op, cuda::launch_bn_act_stats(x.const_data_ptr(), dtype_of(x), geometry_of(x),
+                                             mean.data_ptr(), var.data_ptr(),
+                                             workspace.data_ptr(),
+                                             c10::cuda::getCurrentCUDAStream()));
   return {mean, var};
 }
 
@@ -91,11 +97,11 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(
   const ActCall call = check_forward_args(op, x, name, params);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor sum_dz = channel_vector(x), sum_dz_xmu = channel_vector(x);
-  at::Tensor workspace = workspace_for(x);
+  at::Tensor workspace = workspace_for(op, x);
   check_launch(op, cuda::launch_bn_act_backward_reduce(
       grad_out.const_data_ptr(), x.const_data_ptr(), dtype_of(x), geometry_of(x),
       mean.const_data_ptr(), scale.const_data_ptr(), shift.const_data_ptr(), sum_dz.data_ptr(),
-      sum_dz_xmu.data_ptr(), workspace.data_ptr<double>(), static_cast<int>(call.id),
+      sum_dz_xmu.data_ptr(), workspace.data_ptr(), static_cast<int>(call.id),
       call.params.data(), c10::cuda::getCurrentCUDAStream()));
   return {sum_dz, sum_dz_xmu};
 }

@@ -4,6 +4,11 @@ Forward saves only ``x``; backward is one call of the backend's fused backward o
 backward reuses that op for d/d(grad_out) and the registry's differentiable derivative formula
 for d/dx. Registered with ``torch.library.register_autograd`` so the ops stay real torch ops
 (opcheck, torch.compile) rather than Python autograd.Functions.
+
+In-place ops (``Tensor(a!) x -> Tensor(a!)``) get the two device-independent kernels every torch
+in-place op has (:func:`register_inplace_kernels`; the C++ ``act_forward_`` has them in
+``csrc/library.cpp``): Autograd refuses a tensor autograd tracks, ADInplaceOrView bumps the
+version counter so a graph that saved the overwritten tensor raises in backward.
 """
 
 from __future__ import annotations
@@ -54,3 +59,31 @@ def register_op_autograd(forward_op: str, backward_op: str, backward_fn) -> None
 
     torch.library.register_autograd(forward_op, forward_backward, setup_context=setup_forward)
     torch.library.register_autograd(backward_op, backward_backward, setup_context=setup_backward)
+
+
+def inplace_requires_grad_message(op: str, name: str, out_of_place: str) -> str:
+    return (f"{op}({name}): x requires grad, and the in-place activation would overwrite the "
+            f"input its backward needs; use {out_of_place}, or run under torch.no_grad()")
+
+
+def register_inplace_kernels(lib: torch.library.Library, op_name: str, out_of_place: str) -> None:
+    """Autograd and ADInplaceOrView kernels of the in-place op ``lib.ns::op_name``."""
+    qualname = f"{lib.ns}::{op_name}"
+    op = getattr(getattr(torch.ops, lib.ns), op_name).default
+
+    def autograd_kernel(keyset, x, name, params):
+        # f'(x) needs the x this op overwrites; no activation can recover x from f(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError(inplace_requires_grad_message(qualname, name, out_of_place))
+        return op.redispatch(keyset & torch._C._after_autograd_keyset, x, name, params)
+
+    def version_kernel(keyset, x, name, params):
+        # first, as the C++ op does: nothing is written when it raises
+        if x.is_inference() and not torch.is_inference_mode_enabled():
+            raise RuntimeError(f"{qualname}: in-place update to an inference tensor outside "
+                               "InferenceMode is not allowed (as for torch's in-place ops)")
+        torch.autograd.graph.increment_version(x)
+        return op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, x, name, params)
+
+    lib.impl(op_name, autograd_kernel, "Autograd", with_keyset=True)
+    lib.impl(op_name, version_kernel, "ADInplaceOrView", with_keyset=True)

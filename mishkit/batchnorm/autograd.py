@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from .._checks import BnActKernels, compute_dtype, dense_format
+from .._checks import BnActKernels, compute_dtype, match_layout
 from .distributed import all_reduce_sum, sync_stats
 
 
@@ -90,7 +90,7 @@ def batch_norm_act_gradients(grad_out, x, statistics, setup, needs, param_dtypes
     use_batch_stats, count, name, params, backend, group = setup
     need_x, need_weight, need_bias = needs
     kernels = backends.kernels(backend).bn_act
-    grad_out = grad_out.contiguous(memory_format=dense_format(x))
+    grad_out = match_layout(grad_out, x)  # size-1 dims are layout-neutral: no copy for them
     grad_x = grad_weight = grad_bias = None
     sum_dz = sum_dz_xmu = None
     if need_weight or need_bias or (need_x and use_batch_stats):

@@ -19,11 +19,13 @@ Triton as ``torch.ops.mishkit.triton_bn_act_*``; the ``torch`` backend's are ele
 ops (:mod:`mishkit.backends.reference`).
 
 Backends and layouts: ``cpu`` (C++, at::vec; baseline, AVX2 or AVX-512 build), ``cuda`` and
-``triton`` index NCHW-contiguous and channels_last tensors directly (outputs keep the layout); any
-other strides are copied once to contiguous by :func:`batch_norm_act`. Half inputs compute in
-float32; sums are carried in double across planes / blocks (CPU, CUDA) or in the compute dtype
-per channel tile (Triton). CUDA combines blocks with double atomics, so its sums are not bitwise
-deterministic. ``torch`` accepts any layout.
+``triton`` index NCHW-contiguous and channels-last tensors (``channels_last`` 4-D,
+``channels_last_3d`` 5-D) directly and keep the layout in their outputs; strides of size-1 dims
+never matter (a pooled ``(N, C, 1, 1)`` tensor is both); any other strides are copied once to
+contiguous by :func:`batch_norm_act`. Half inputs compute in float32. The statistics are
+single-pass (CUDA, Triton: Welford merges of shifted tiles) or two-pass (CPU); CUDA and Triton
+combine per-block partial results per channel in a fixed order in float64, so their sums are
+bitwise repeatable. ``torch`` accepts any layout.
 
 :mod:`.autograd` composes them, shared by all backends (saving ``x`` and four ``(C,)`` vectors;
 the cross-process reduction of :class:`SyncBatchNormAct2d` happens there, between kernel calls);
@@ -46,10 +48,10 @@ def batch_norm_act(x, running_mean, running_var, weight, bias, use_batch_stats: 
                    process_group=None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``act(batch_norm(x, ...) [+ residual])`` fused; arguments as ``F.batch_norm`` + activation.
 
-    ``x`` is ``(N, C, *)``. Contiguous and channels_last tensors are used as they are; any other
-    strides are copied once to contiguous. ``process_group`` (training only) all-reduces the
-    statistics like ``torch.nn.SyncBatchNorm``. ``residual`` (x's shape, dtype and device, any
-    strides) is added before the activation (:mod:`.residual`).
+    ``x`` is ``(N, C, *)``. Contiguous, channels_last and channels_last_3d tensors are used as
+    they are; any other strides are copied once to contiguous. ``process_group`` (training
+    only) all-reduces the statistics like ``torch.nn.SyncBatchNorm``. ``residual`` (x's shape,
+    dtype and device, any strides) is added before the activation (:mod:`.residual`).
     """
     op = f"batch_norm_act({name})"
     check_input(x, op)

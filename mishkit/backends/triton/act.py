@@ -13,21 +13,26 @@ output is ``empty_like(x)`` with the same strides; only non-dense inputs are mad
 
 from __future__ import annotations
 
-import numpy
+import os
+
 import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensor
+from triton.runtime.autotuner import Autotuner
 
 from ..._checks import ActKernels, check_input, is_dense, same_layout
 from ...registry import get_spec
-from ..autograd import register_op_autograd
+from ..autograd import register_inplace_kernels, register_op_autograd
 from . import interpret_mode
+from .kernel_io import narrow, param, split_params, widen
 from .math import ACTIVATION_IDS, derivative_math, forward_math
 
 INTERPRET = interpret_mode()
 INTERPRET_BLOCK = 1024  # few interpreted programs, small numpy arrays
-_FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)
+# MISHKIT_TRITON_AUTOTUNE=0: one fixed config instead of tuning per (activation, size, dtype);
+# each tuning compiles and times every config, which dominates short correctness runs.
+AUTOTUNE = not INTERPRET and os.environ.get("MISHKIT_TRITON_AUTOTUNE", "1") != "0"
 
 
 def _opaque_op(name, *, mutates_args):
@@ -54,82 +59,88 @@ if INTERPRET or _triton_op is None or _wrap_triton is None:
         return kernel
 
 
+# Every config keeps >= 32 bytes of input in flight per thread (BLOCK / (32 num_warps) elements,
+# e.g. two 16-byte vectors of float32): fewer leave an H100/H200 short of memory parallelism.
 _GPU_CONFIGS = [
     triton.Config({"BLOCK": block}, num_warps=warps)
-    for block, warps in ((512, 4), (1024, 4), (2048, 8), (4096, 8))
+    for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))
 ]
+_MIN_BYTES_PER_THREAD = 32
+FIXED_CONFIG = _GPU_CONFIGS[1]  # without autotuning: 16 elements per thread, any dtype
+ITEMSIZES = (2, 4, 8)
+
+
+def configs_for(itemsize: int) -> list:
+    """The configs that give each thread >= 32 bytes of elements of ``itemsize`` (16 bf16)."""
+    return [c for c in _GPU_CONFIGS
+            if c.kwargs["BLOCK"] // (32 * c.num_warps) * itemsize >= _MIN_BYTES_PER_THREAD]
 
 
 @triton.jit
-def _load_compute(ptr, offsets, mask):
-    """Load in the compute dtype: float64 stays, half types widen to float32."""
-    v = tl.load(ptr + offsets, mask=mask)
-    if v.dtype == tl.float64:
-        out = v
-    elif v.dtype == tl.bfloat16:
-        # by bits: exact for subnormals, which the interpreter's bf16 conversion loses
-        bits = v.to(tl.uint16, bitcast=True).to(tl.uint32)
-        out = (bits << 16).to(tl.float32, bitcast=True)
-    else:
-        out = v.to(tl.float32)
-    return out
+def _forward_block(x_ptr, y_ptr, offsets, mask, p0_hi, p0_lo, p1_hi, p1_lo, ACT: tl.constexpr):
+    x = widen(tl.load(x_ptr + offsets, mask=mask))
+    y = forward_math(x, param(p0_hi, p0_lo, x), param(p1_hi, p1_lo, x), ACT)
+    tl.store(y_ptr + offsets, narrow(y, y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _store_compute(ptr, offsets, value, mask):
-    """Store a compute-dtype value into ``ptr``'s dtype (round to nearest even)."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        bits = value.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
-        half_bits = tl.where(is_nan, 0x7FC0, rounded).to(tl.uint16)
-        tl.store(ptr + offsets, half_bits.to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _param(hi, lo, like):
-    # a float64 parameter arrives as two float32 scalars (Triton passes Python floats as fp32)
-    return tl.cast(hi, like.dtype) + tl.cast(lo, like.dtype)
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["n", "size_class"])
 def _forward_kernel(x_ptr, y_ptr, n, size_class, p0_hi, p0_lo, p1_hi, p1_lo,
                     ACT: tl.constexpr, BLOCK: tl.constexpr):
-    # int64 offsets: tensors may exceed 2**31 elements
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n
-    x = _load_compute(x_ptr, offsets, mask)
-    y = forward_math(x, _param(p0_hi, p0_lo, x), _param(p1_hi, p1_lo, x), ACT)
-    _store_compute(y_ptr, offsets, y, mask)
+    # int64 offsets: tensors may exceed 2**31 elements. Full blocks go unmasked, so their loads
+    # and stores are full-width vectors whatever n is; only the last block is masked.
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offsets = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= n:
+        _forward_block(x_ptr, y_ptr, offsets, None, p0_hi, p0_lo, p1_hi, p1_lo, ACT)
+    else:
+        _forward_block(x_ptr, y_ptr, offsets, offsets < n, p0_hi, p0_lo, p1_hi, p1_lo, ACT)
 
 
 @triton.jit
+def _backward_block(grad_ptr, x_ptr, dx_ptr, offsets, mask, p0_hi, p0_lo, p1_hi, p1_lo,
+                    ACT: tl.constexpr):
+    x = widen(tl.load(x_ptr + offsets, mask=mask))
+    grad = widen(tl.load(grad_ptr + offsets, mask=mask))
+    d = derivative_math(x, param(p0_hi, p0_lo, x), param(p1_hi, p1_lo, x), ACT)
+    tl.store(dx_ptr + offsets, narrow(grad * d, dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n", "size_class"])
 def _backward_kernel(grad_ptr, x_ptr, dx_ptr, n, size_class, p0_hi, p0_lo, p1_hi, p1_lo,
                      ACT: tl.constexpr, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n
-    x = _load_compute(x_ptr, offsets, mask)
-    grad = _load_compute(grad_ptr, offsets, mask)
-    d = derivative_math(x, _param(p0_hi, p0_lo, x), _param(p1_hi, p1_lo, x), ACT)
-    _store_compute(dx_ptr, offsets, grad * d, mask)
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offsets = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= n:
+        _backward_block(grad_ptr, x_ptr, dx_ptr, offsets, None, p0_hi, p0_lo, p1_hi, p1_lo, ACT)
+    else:
+        _backward_block(grad_ptr, x_ptr, dx_ptr, offsets, offsets < n, p0_hi, p0_lo, p1_hi,
+                        p1_lo, ACT)
 
 
-def _tuned(kernel, restore_value=None):
-    """Autotune on GPU (keyed on activation and size class); the kernel itself when interpreted."""
-    if INTERPRET:
-        return kernel
-    return triton.autotune(
-        configs=_GPU_CONFIGS, key=["size_class", "ACT"], restore_value=restore_value
-    )(kernel)
+def _tuned(kernel, restore_value=None, autotune: bool | None = None) -> dict:
+    """Per element size: the kernel autotuned over :func:`configs_for` that size (keyed on
+    activation, size class and dtypes), or the kernel itself, launched with
+    :func:`_launch_meta` (interpreter, or MISHKIT_TRITON_AUTOTUNE=0). One autotuner per size
+    rather than ``prune_configs_by``, which not every torch.compile version traces."""
+    if not (AUTOTUNE if autotune is None else autotune):
+        return dict.fromkeys(ITEMSIZES, kernel)
+    return {size: triton.autotune(configs=configs_for(size), key=["size_class", "ACT"],
+                                  restore_value=restore_value)(kernel) for size in ITEMSIZES}
 
 
 _FORWARD = _tuned(_forward_kernel)
 # the in-place launch overwrites its input: the autotuner must restore it between trials
 _FORWARD_INPLACE = _tuned(_forward_kernel, restore_value=["x_ptr"])
 _BACKWARD = _tuned(_backward_kernel)
-_LAUNCH_META = {"BLOCK": INTERPRET_BLOCK} if INTERPRET else {}
+
+
+def _launch_meta(kernel) -> dict:
+    """Launch options of a kernel :func:`_tuned` did not wrap in an autotuner."""
+    if isinstance(kernel, Autotuner):
+        return {}
+    if INTERPRET:
+        return {"BLOCK": INTERPRET_BLOCK}
+    return {"BLOCK": FIXED_CONFIG.kwargs["BLOCK"], "num_warps": FIXED_CONFIG.num_warps}
 
 
 def _grid(n: int):
@@ -150,32 +161,16 @@ def _resolve(op: str, x, name: str, params) -> tuple[int, list[float]]:
             f"mishkit::{op} ({spec.name}): triton runs on CUDA tensors (or CPU tensors under "
             f"TRITON_INTERPRET=1), got a tensor on {device}"
         )
-    if len(params) != len(spec.params):
-        raise ValueError(
-            f"mishkit::{op}: {spec.name} takes {len(spec.params)} parameter(s) "
-            f"{list(spec.params)}, got {len(params)}: {list(params)}"
-        )
-    return ACTIVATION_IDS[spec.name], _split_params(params)
-
-
-def _split_params(params) -> list[float]:
-    """(p0_hi, p0_lo, p1_hi, p1_lo): each float64 value as float32 head + float32 remainder."""
-    values = [float(p) for p in params] + [0.0] * (2 - len(params))
-    split = []
-    for value in values:
-        if not abs(value) <= _FLOAT32_MAX:
-            raise ValueError(f"mishkit triton backend: parameter {value!r} exceeds float32 range")
-        head = float(numpy.float32(value))  # numpy, not torch: this also runs under fake tensors
-        split += [head, float(numpy.float32(value - head))]
-    return split
+    return ACTIVATION_IDS[spec.name], split_params(op, spec, params)
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
     return t if is_dense(t) else t.contiguous()
 
 
-def _launch(kernel, tensors: tuple, act: int, params) -> None:
+def _launch(kernels: dict, tensors: tuple, act: int, params) -> None:
     """Launch over the flat storage of ``tensors`` (one layout); nothing for empty tensors."""
+    kernel = kernels[tensors[0].element_size()]
     n = tensors[0].numel()
     if n == 0:
         return
@@ -183,7 +178,8 @@ def _launch(kernel, tensors: tuple, act: int, params) -> None:
         return  # fake kernel of the opaque op: shapes only (triton_op traces launches instead)
     # autotune key: the size's power of two (0 for a symbolic size under torch.compile)
     size_class = n.bit_length() if isinstance(n, int) else 0
-    _wrap_triton(kernel)[_grid(n)](*tensors, n, size_class, *params, ACT=act, **_LAUNCH_META)
+    _wrap_triton(kernel)[_grid(n)](*tensors, n, size_class, *params, ACT=act,
+                                   **_launch_meta(kernel))
 
 
 # -- the ops ---------------------------------------------------------------------------------------
@@ -241,6 +237,7 @@ def _triton_act_forward_(x: torch.Tensor, name: str, params: list[float]) -> tor
 
 for _device_key in ("CPU", "CUDA"):
     _LIB.impl("triton_act_forward_", _triton_act_forward_, _device_key)
+register_inplace_kernels(_LIB, "triton_act_forward_", "mishkit::triton_act_forward")
 
 
 @torch.library.register_fake("mishkit::triton_act_forward_", lib=_LIB)

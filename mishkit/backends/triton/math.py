@@ -100,10 +100,11 @@ def mish_forward(x, p0, p1):
 
 @triton.jit
 def mish_derivative(x, p0, p1):
+    # one reciprocal r = 1 / (n + 2): tanh(softplus) = n r, sigmoid(x) sech^2 = 4 e (e + 1) r^2
     e = tl.exp(tl.where(x > SATURATION, SATURATION, x))
     n = e * (e + 2.0)
-    sech2 = 4.0 * (n + 1.0) / ((n + 2.0) * (n + 2.0))
-    grad = n / (n + 2.0) + x * _sigmoid(x) * sech2
+    r = 1.0 / (n + 2.0)
+    grad = n * r + x * (4.0 * e * (e + 1.0) * (r * r))
     return _neg_inf_limit(x, tl.where(x > SATURATION, 1.0, grad), 0.0)
 
 
