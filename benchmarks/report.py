@@ -109,7 +109,7 @@ def read_results(path: Path) -> list[dict]:
 @dataclass(frozen=True)
 class Target:
     label: str
-    record: str  # "kernel" or "bn_act"
+    record: str  # "kernel", "bn_act" or "compile_network"
     where: dict  # fields the row must match
     metric: str  # field, or "speedup.<baseline>"
     op: str  # ">=" or "<="
@@ -135,6 +135,29 @@ def _kernel_targets(log2: int, dtypes: tuple[str, ...]) -> list[Target]:
     return targets
 
 
+def _compile_targets() -> list[Target]:
+    """Per network of the compile suite: compiled mishkit vs compiled native, eager fused BN."""
+    targets = []
+    for network in ("conv-bn-act stack", "resnet50dilated+ppm_deepsup"):  # layers.NETWORKS keys
+        at = {"network": network}
+        for variant in ("compile mishkit", "compile mishkit fuse_bn"):
+            where = {**at, "variant": variant}
+            targets += [
+                Target(f"{network}: {variant} saved bytes ≤ compile native", "compile_network",
+                       where, "saved_ratio_vs_compile_native", "<=", 1.0),
+                Target(f"{network}: {variant} fwd+bwd time ≤ 1.0× compile native",
+                       "compile_network", where, "time_ratio_vs_compile_native", "<=", 1.0),
+            ]
+        where = {**at, "variant": "eager mishkit fuse_bn"}
+        targets += [
+            Target(f"{network}: eager mishkit fuse_bn time ≤ eager mishkit", "compile_network",
+                   where, "time_ratio_vs_eager_mishkit", "<=", 1.0),
+            Target(f"{network}: eager mishkit fuse_bn time ≤ 1.2× compile native",
+                   "compile_network", where, "time_ratio_vs_compile_native", "<=", 1.2),
+        ]
+    return targets
+
+
 GPU_TARGETS = [
     *_kernel_targets(26, ("fp32", "bf16")),
     Target("fused BN+Mish fwd+bwd ≥ 1.3× BN + F.mish", "bn_act",
@@ -143,6 +166,7 @@ GPU_TARGETS = [
     Target("fused BN+Mish saved bytes ≤ 2/3 of BN + F.mish", "bn_act",
            {"activation": "mish", "dtype": "fp32", "variant": "BatchNormAct2d"},
            "saved_ratio_vs_bn_native", "<=", 2 / 3),
+    *_compile_targets(),
 ]
 CPU_TARGETS = [
     Target("CPU Mish forward fp32 2^22 no slower than native", "kernel",
@@ -151,6 +175,7 @@ CPU_TARGETS = [
     Target("CPU Mish fwd+bwd fp32 2^22 no slower than native", "kernel",
            {"activation": "mish", "dtype": "fp32", "log2_numel": 22, "mode": "forward+backward"},
            "speedup.native", ">=", 1.0),
+    *_compile_targets(),
 ]
 
 
