@@ -65,6 +65,22 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
   return {sum_dz, sum_dz_xmu};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_reduce_dz_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
+    const at::Tensor& scale, const at::Tensor& shift, c10::string_view name,
+    c10::ArrayRef<double> params) {
+  constexpr const char* op = "mishkit::bn_act_backward_reduce_dz";
+  check_bn_input(op, x);
+  check_bn_grad(op, grad_out, x);
+  check_channel_vectors(op, x, {&mean, &scale, &shift});
+  const ActCall call = check_forward_args(op, x, name, params);
+  at::Tensor sum_dz = channel_vector(x), sum_dz_xmu = channel_vector(x);
+  at::Tensor dz = at::empty_like(x);
+  cpu::bn_act_kernels().backward_reduce_dz(grad_out, x, mean, scale, shift, sum_dz, sum_dz_xmu,
+                                           dz, call.id, call.params.data());
+  return {sum_dz, sum_dz_xmu, dz};
+}
+
 at::Tensor backward_elemt_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                               const at::Tensor& mean, const at::Tensor& scale,
                               const at::Tensor& shift, const at::Tensor& coef_xmu,
@@ -89,4 +105,5 @@ TORCH_LIBRARY_IMPL(mishkit, CPU, m) {
   m.impl("bn_act_forward", &mishkit::forward_cpu);
   m.impl("bn_act_backward_reduce", &mishkit::backward_reduce_cpu);
   m.impl("bn_act_backward_elemt", &mishkit::backward_elemt_cpu);
+  m.impl("bn_act_backward_reduce_dz", &mishkit::backward_reduce_dz_cpu);
 }
