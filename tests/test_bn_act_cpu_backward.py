@@ -72,3 +72,17 @@ def test_backward_evaluates_the_derivative_once():
 def test_cheap_derivatives_and_half_inputs_recompute(activation, dtype):
     x = torch.randn(2, 4, 3, 3, dtype=dtype)
     assert not bn_autograd.stores_dz(backends.kernels("cpu").bn_act, x, activation)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_reduce_dz_op_schema_fake_and_layout(channels_last):
+    x = torch.randn(2, 5, 3, 4)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    grad, vec = torch.randn_like(x), torch.rand(5) + 0.5
+    args = (grad, x, torch.randn(5), vec, torch.randn(5), "silu", [])
+    torch.library.opcheck(torch.ops.mishkit.bn_act_backward_reduce_dz, args)
+    sum_dz, sum_dz_xmu, dz = torch.ops.mishkit.bn_act_backward_reduce_dz(*args)
+    assert dz.stride() == x.stride()
+    expected = torch.ops.mishkit.bn_act_backward_reduce(*args)
+    torch.testing.assert_close((sum_dz, sum_dz_xmu), expected, rtol=0, atol=0)

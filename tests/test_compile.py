@@ -225,11 +225,16 @@ def test_auto_lowers_to_torch_ops(residual):
 
 
 @pytest.mark.skipif(not HAS_CPU_KERNELS, reason="mishkit._C is not built")
-def test_forced_backend_keeps_its_kernels():
-    forward, backward = _aot_graph_targets(_conv_bn_act("cpu", True), torch.randn(2, 3, 6, 6))
+@pytest.mark.parametrize("residual", [False, True])
+def test_forced_backend_keeps_its_kernels(residual):
+    fn = _conv_bn_act("cpu", residual)
+    forward, backward = _aot_graph_targets(fn, torch.randn(2, 3, 6, 6))
     assert {"mishkit.bn_act_stats.default", "mishkit.bn_act_forward.default",
             "mishkit.act_forward.default"} <= forward
-    assert {"mishkit.bn_act_backward_reduce.default", "mishkit.bn_act_backward_elemt.default",
+    # the plain op's CPU reduce pass also stores dz (mishkit.batchnorm.autograd); the residual
+    # op takes dz from the activation's backward op and reduces with the identity
+    reduce = "backward_reduce" if residual else "backward_reduce_dz"
+    assert {f"mishkit.bn_act_{reduce}.default", "mishkit.bn_act_backward_elemt.default",
             "mishkit.act_backward.default"} <= backward
 
 
