@@ -21,7 +21,7 @@ from torch._dynamo.backends.common import aot_autograd
 
 import mishkit
 import mishkit.functional as MF
-from mishkit.batchnorm import BatchNormAct2d, SyncBatchNormAct2d
+from mishkit.batchnorm import BatchNormAct2d
 from mishkit.memory import conv_bn_act_stack
 from mishkit.registry import ACTIVATIONS, get_spec
 
@@ -322,16 +322,13 @@ def test_single_value_per_channel_is_reported():
 
 
 def _sync_worker(rank: int, port: int, results: dict) -> None:
-    from .test_sync_bn_act import WORLD, _data, _rank_slice
+    from .test_sync_bn_act import WORLD, _data, _rank_slice, sync_module
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
     try:
         x_full, grad_full, weight, bias = _data()
-        module = SyncBatchNormAct2d(x_full.shape[1], "mish", momentum=0.3, dtype=torch.float64)
-        with torch.no_grad():
-            module.weight.copy_(weight)
-            module.bias.copy_(bias)
+        module = sync_module("auto", weight, bias)
         x = x_full[_rank_slice(rank)].clone().requires_grad_()
         y = compiled(module)(x)
         y.backward(grad_full[_rank_slice(rank)])
@@ -346,23 +343,16 @@ def _sync_worker(rank: int, port: int, results: dict) -> None:
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
 def test_sync_batch_norm_act_matches_single_process_on_concatenated_batch():
-    from .test_sync_bn_act import WORLD, _data, _free_port, _rank_slice
+    from .test_sync_bn_act import WORLD, _free_port, _rank_slice, single_process_reference
 
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_sync_worker, args=(_free_port(), results), nprocs=WORLD, join=True)
         results = dict(results)
-    x_full, grad_full, weight, bias = _data()
-    bn = nn.BatchNorm2d(x_full.shape[1], momentum=0.3, dtype=torch.float64)
-    with torch.no_grad():
-        bn.weight.copy_(weight)
-        bn.bias.copy_(bias)
-    x = x_full.clone().requires_grad_()
-    y = F.mish(bn(x))
-    y.backward(grad_full)
+    bn, x, y = single_process_reference()
     for rank in range(WORLD):
         got, local = results[rank], _rank_slice(rank)
-        torch.testing.assert_close(got["y"], y.detach()[local])
+        torch.testing.assert_close(got["y"], y[local])
         torch.testing.assert_close(got["grad_x"], x.grad[local])  # incl. the cross-rank terms
         torch.testing.assert_close(got["running_mean"], bn.running_mean)
         torch.testing.assert_close(got["running_var"], bn.running_var)

@@ -33,6 +33,7 @@ import torch
 
 from .._checks import compute_dtype
 from ..registry import ACTIVATIONS, SELU_ALPHA, SELU_SCALE, get_spec
+from .autograd import save_input_function
 
 Formula = Callable[..., torch.Tensor]
 
@@ -302,24 +303,21 @@ def formulas(name: str) -> tuple[Formula, Formula]:
 # -- the op ----------------------------------------------------------------------------------------
 
 
-class LoweredActivation(torch.autograd.Function):
-    """``f(x)`` as pointwise torch ops; backward ``grad_out * f'(x)``, saving only ``x``."""
+def forward(x: torch.Tensor, name: str, params) -> torch.Tensor:
+    """``f(x)`` in the compute dtype, returned in ``x``'s dtype (not differentiable by itself)."""
+    forward_formula, _ = formulas(name)
+    return forward_formula(x.to(compute_dtype(x.dtype)), *params).to(x.dtype)
 
-    @staticmethod
-    def forward(x, name, params):
-        forward_formula, _ = formulas(name)
-        return forward_formula(x.to(compute_dtype(x.dtype)), *params).to(x.dtype)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, name, params = inputs
-        ctx.save_for_backward(x)
-        ctx.name, ctx.params = name, params
+def backward(grad_out: torch.Tensor, x: torch.Tensor, name: str, params) -> torch.Tensor:
+    """``grad_out * f'(x)`` in the compute dtype, returned in ``x``'s dtype."""
+    _, derivative = formulas(name)
+    compute = compute_dtype(x.dtype)
+    return (grad_out.to(compute) * derivative(x.to(compute), *params)).to(x.dtype)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        return backward(grad_out, x, ctx.name, ctx.params), None, None
+
+# f(x) as pointwise torch ops; backward grad_out * f'(x), saving only x
+LoweredActivation = save_input_function("LoweredActivation", forward, backward)
 
 
 def activation(x: torch.Tensor, name: str, params) -> torch.Tensor:
@@ -334,10 +332,3 @@ def activation(x: torch.Tensor, name: str, params) -> torch.Tensor:
 @torch.compiler.allow_in_graph
 def _apply(x: torch.Tensor, activation_id: int, params: tuple) -> torch.Tensor:
     return LoweredActivation.apply(x, list(ACTIVATIONS)[activation_id], params)
-
-
-def backward(grad_out: torch.Tensor, x: torch.Tensor, name: str, params) -> torch.Tensor:
-    """``grad_out * f'(x)`` in the compute dtype, returned in ``x``'s dtype."""
-    _, derivative = formulas(name)
-    compute = compute_dtype(x.dtype)
-    return (grad_out.to(compute) * derivative(x.to(compute), *params)).to(x.dtype)
