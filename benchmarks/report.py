@@ -43,7 +43,7 @@ def device_slug(device: torch.device) -> str:
 
 
 def _git_commit() -> str | None:
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=10)

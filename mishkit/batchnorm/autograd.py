@@ -133,8 +133,9 @@ def batch_norm_act_gradients(grad_out, x, statistics, setup, needs, param_dtypes
 
 def stores_dz(kernels: BnActKernels, x: torch.Tensor, name: str) -> bool:
     """Whether backward takes dz from the reduce pass instead of recomputing it (see above):
-    CPU kernels, a smooth activation (piecewise-linear derivatives are cheaper than the extra
-    write), float32/float64 (a half dz would be rounded once more than the recomputed one)."""
+    CPU kernels, a smooth activation (the others' derivatives are piecewise constant or one exp
+    on one side, cheaper than the extra write), float32/float64 (a half dz would be rounded once
+    more than the recomputed one)."""
     return (kernels.backward_reduce_dz is not None and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.float64) and get_spec(name).smooth)
 
