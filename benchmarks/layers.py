@@ -252,6 +252,7 @@ COMPILE_BASELINE, EAGER_BASELINE = "compile native", "eager mishkit"
 class CompileConfig:
     networks: tuple[tuple[str, int, int], ...]  # (NETWORKS key, batch, image size)
     backend: str  # torch.compile backend: "inductor"; "aot_eager" keeps the smoke run short
+    min_run_s: float = 0.0  # CPU: time each variant at least this long (a step can take 1 s)
 
 
 def run_compiled_networks(config: CompileConfig, device: torch.device, timing: TimingConfig,
@@ -273,7 +274,7 @@ def run_compiled_networks(config: CompileConfig, device: torch.device, timing: T
             try:
                 model = network_variants()[transform](model).to(device).train()
                 row.update(_compiled_row(model, compiled, config.backend, batch, image_size,
-                                         device, timing))
+                                         device, timing, config.min_run_s))
             except Exception as exc:  # one failing variant must not lose the others
                 row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
             rows.append(row)
@@ -286,7 +287,7 @@ def run_compiled_networks(config: CompileConfig, device: torch.device, timing: T
 
 
 def _compiled_row(model: nn.Module, compiled: bool, backend: str, batch: int, image_size: int,
-                  device: torch.device, timing: TimingConfig) -> dict:
+                  device: torch.device, timing: TimingConfig, min_run_s: float) -> dict:
     images = torch.randn(batch, 3, image_size, image_size, device=device)
     run = torch.compile(model, backend=backend) if compiled else model
 
@@ -300,7 +301,8 @@ def _compiled_row(model: nn.Module, compiled: bool, backend: str, batch: int, im
         torch.cuda.synchronize(device)
     first_step_s = time.perf_counter() - started
     saved = saved_bytes(run, images)
-    t = measure(step, device, dataclasses.replace(timing, warmup_calls=1))
+    t = measure(step, device, dataclasses.replace(
+        timing, warmup_calls=1, cpu_min_run_time_s=max(timing.cpu_min_run_time_s, min_run_s)))
     return {"status": "ok", "saved_bytes": saved, "time_ms_median": t.median * 1e3,
             "time_ms_p20": t.p20 * 1e3, "time_ms_p80": t.p80 * 1e3,
             "images_per_s": batch / t.median, "first_step_s": first_step_s,
