@@ -11,7 +11,7 @@ is ordered by the value of its evidence and writes it as it goes:
 3. bandwidth at 2^26: Mish forward / backward / both, fp32 and bf16, cuda, triton, native, naive
    and torch.compile against a same-run copy;                                  (``--quick``: 0-3)
 4. every other GPU test, in parallel (pytest-xdist), Triton compiled on CUDA included;
-5. the BN+act, network and memory benchmarks;
+5. the BN+act, network, memory and torch.compile network benchmarks;
 6. compute-sanitizer memcheck (and racecheck of the BN reductions), last.
 
 Each stage has a time limit, sent as SIGINT (pytest still prints its summary and writes its
@@ -124,8 +124,8 @@ def stages(rehearsal: bool) -> list[Stage]:
                *(a for i in (*_activation_ids("triton"), *CUDA_IDS, *MEMCHECK_IDS)
                  for a in ("--deselect", i))],
               fixed, test_timeout_s=90, workers=8),
-        Stage(5, "layers", "BN+act, network and memory benchmarks", "bench", 80,
-              [*device, "--suites", "bn_act,network,memory"]),
+        Stage(5, "layers", "BN+act, network, memory and torch.compile network benchmarks",
+              "bench", 140, [*device, "--suites", "bn_act,network,memory,compile"]),
         Stage(6, "memcheck", "compute-sanitizer memcheck / racecheck", "pytest", 55,
               ["-m", "gpu", *MEMCHECK_IDS], fixed, test_timeout_s=55),
     ]

@@ -1,10 +1,12 @@
-"""Layer and network benchmarks: fused BatchNorm+activation, a segmentation training step, and
-the five-variant saved-bytes table (ReLU, nn.Mish, naive Mish, mishkit Mish, mishkit fused BN).
+"""Layer and network benchmarks: fused BatchNorm+activation, a segmentation training step, the
+five-variant saved-bytes table (ReLU, nn.Mish, naive Mish, mishkit Mish, mishkit fused BN), and
+networks under torch.compile (native vs mishkit, against eager mishkit).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, is_dataclass
 
@@ -230,3 +232,99 @@ def _tensors_in(value):
     elif isinstance(value, (list, tuple)):
         for v in value:
             yield from _tensors_in(v)
+
+
+# -- networks under torch.compile -----------------------------------------------------------------
+
+# variant -> (transform of the ReLU network, compiled?): the same Mish networks three ways
+COMPILE_VARIANTS: dict[str, tuple[str, bool]] = {
+    "eager native": ("torch_mish", False),
+    "eager mishkit": ("mishkit_mish", False),
+    "eager mishkit fuse_bn": ("mishkit_mish_fuse_bn", False),
+    "compile native": ("torch_mish", True),
+    "compile mishkit": ("mishkit_mish", True),
+    "compile mishkit fuse_bn": ("mishkit_mish_fuse_bn", True),
+}
+COMPILE_BASELINE, EAGER_BASELINE = "compile native", "eager mishkit"
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    networks: tuple[tuple[str, int, int], ...]  # (NETWORKS key, batch, image size)
+    backend: str  # torch.compile backend: "inductor"; "aot_eager" keeps the smoke run short
+    min_run_s: float = 0.0  # CPU: time each variant at least this long (a step can take 1 s)
+
+
+def run_compiled_networks(config: CompileConfig, device: torch.device, timing: TimingConfig,
+                          log: Callable[[str], None] = print) -> Iterator[dict]:
+    """Per network, one record per variant: saved bytes, forward+backward time, images/s.
+
+    Ratios are against ``compile native`` (time and saved bytes) and ``eager mishkit`` (time),
+    all measured in this run.
+    """
+    for network, batch, image_size in config.networks:
+        rows = []
+        for variant, (transform, compiled) in COMPILE_VARIANTS.items():
+            torch.manual_seed(0)
+            torch._dynamo.reset()  # every compiled variant starts from an empty cache
+            model, model_name = build_network(network)
+            row = {"record": "compile_network", "network": network, "model": model_name,
+                   "variant": variant, "batch": batch, "image_size": image_size,
+                   "compile_backend": config.backend if compiled else None}
+            try:
+                model = network_variants()[transform](model).to(device).train()
+                row.update(_compiled_row(model, compiled, config.backend, batch, image_size,
+                                         device, timing, config.min_run_s))
+            except Exception as exc:  # one failing variant must not lose the others
+                row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
+            rows.append(row)
+            log(f"compile_network {network} {variant}: " + (
+                f"{row['time_ms_median']:.1f} ms, saved {row['saved_bytes'] / 2**20:.1f} MiB"
+                if row["status"] == "ok" else row["reason"]))
+            del model
+        _add_ratios(rows)
+        yield from rows
+
+
+def _compiled_row(model: nn.Module, compiled: bool, backend: str, batch: int, image_size: int,
+                  device: torch.device, timing: TimingConfig, min_run_s: float) -> dict:
+    images = torch.randn(batch, 3, image_size, image_size, device=device)
+    run = torch.compile(model, backend=backend) if compiled else model
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        surrogate_loss(run(images)).backward()
+
+    started = time.perf_counter()
+    step()  # compiles the forward and backward graphs
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    first_step_s = time.perf_counter() - started
+    saved = saved_bytes(run, images)
+    t = measure(step, device, dataclasses.replace(
+        timing, warmup_calls=1, cpu_min_run_time_s=max(timing.cpu_min_run_time_s, min_run_s)))
+    return {"status": "ok", "saved_bytes": saved, "time_ms_median": t.median * 1e3,
+            "time_ms_p20": t.p20 * 1e3, "time_ms_p80": t.p80 * 1e3,
+            "images_per_s": batch / t.median, "first_step_s": first_step_s,
+            "cpu_ms_per_step": _cpu_ms_per_step(step) if device.type == "cpu" else None,
+            "peak_memory_bytes": peak_memory_bytes(step, device)}
+
+
+def _cpu_ms_per_step(step: Callable[[], object], steps: int = 3) -> float:
+    """Process CPU time per step: on a shared machine less disturbed by other processes than the
+    wall time (which the ratios and targets use, as a user would see it)."""
+    started = time.process_time()
+    for _ in range(steps):
+        step()
+    return (time.process_time() - started) / steps * 1e3
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    ok = {r["variant"]: r for r in rows if r["status"] == "ok"}
+    compiled, eager = ok.get(COMPILE_BASELINE), ok.get(EAGER_BASELINE)
+    for row in ok.values():
+        if compiled:
+            row["time_ratio_vs_compile_native"] = row["time_ms_median"] / compiled["time_ms_median"]
+            row["saved_ratio_vs_compile_native"] = row["saved_bytes"] / compiled["saved_bytes"]
+        if eager:
+            row["time_ratio_vs_eager_mishkit"] = row["time_ms_median"] / eager["time_ms_median"]

@@ -43,7 +43,7 @@ def device_slug(device: torch.device) -> str:
 
 
 def _git_commit() -> str | None:
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=10)
@@ -116,7 +116,7 @@ def read_results(path: Path) -> list[dict]:
 @dataclass(frozen=True)
 class Target:
     label: str
-    record: str  # "kernel" or "bn_act"
+    record: str  # "kernel", "bn_act" or "compile_network"
     where: dict  # fields the row must match
     metric: str  # field, or "speedup.<baseline>"
     op: str  # ">=" or "<="
@@ -142,6 +142,29 @@ def _kernel_targets(log2: int, dtypes: tuple[str, ...]) -> list[Target]:
     return targets
 
 
+def _compile_targets() -> list[Target]:
+    """Per network of the compile suite: compiled mishkit vs compiled native, eager fused BN."""
+    targets = []
+    for network in ("conv-bn-act stack", "resnet50dilated+ppm_deepsup"):  # layers.NETWORKS keys
+        at = {"network": network}
+        for variant in ("compile mishkit", "compile mishkit fuse_bn"):
+            where = {**at, "variant": variant}
+            targets += [
+                Target(f"{network}: {variant} saved bytes ≤ compile native", "compile_network",
+                       where, "saved_ratio_vs_compile_native", "<=", 1.0),
+                Target(f"{network}: {variant} fwd+bwd time ≤ 1.0× compile native",
+                       "compile_network", where, "time_ratio_vs_compile_native", "<=", 1.0),
+            ]
+        where = {**at, "variant": "eager mishkit fuse_bn"}
+        targets += [
+            Target(f"{network}: eager mishkit fuse_bn time ≤ eager mishkit", "compile_network",
+                   where, "time_ratio_vs_eager_mishkit", "<=", 1.0),
+            Target(f"{network}: eager mishkit fuse_bn time ≤ 1.2× compile native",
+                   "compile_network", where, "time_ratio_vs_compile_native", "<=", 1.2),
+        ]
+    return targets
+
+
 GPU_TARGETS = [
     *_kernel_targets(26, ("fp32", "bf16")),
     Target("fused BN+Mish fwd+bwd ≥ 1.3× BN + F.mish", "bn_act",
@@ -150,6 +173,7 @@ GPU_TARGETS = [
     Target("fused BN+Mish saved bytes ≤ 2/3 of BN + F.mish", "bn_act",
            {"activation": "mish", "dtype": "fp32", "variant": "BatchNormAct2d"},
            "saved_ratio_vs_bn_native", "<=", 2 / 3),
+    *_compile_targets(),
 ]
 CPU_TARGETS = [
     Target("CPU Mish forward fp32 2^22 no slower than native", "kernel",
@@ -161,6 +185,7 @@ CPU_TARGETS = [
     *(Target(f"CPU {name} forward fp32 2^22 ≥ 60% of copy bandwidth", "kernel",
              {"activation": name, "dtype": "fp32", "log2_numel": 22, "mode": "forward"},
              "copy_ratio", ">=", 0.60) for name in ("mish", "silu")),
+    *_compile_targets(),
 ]
 
 

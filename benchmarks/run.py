@@ -1,4 +1,5 @@
-"""``python -m benchmarks``: kernel, fused BatchNorm+activation and network benchmarks.
+"""``python -m benchmarks``: kernel, fused BatchNorm+activation, network and compiled-network
+benchmarks.
 
 Presets pick the grid (``--smoke`` for CI, ``cpu`` and ``gpu`` for full runs); any option given
 on the command line overrides the preset's value. Results land in ``--out`` (default
@@ -23,7 +24,7 @@ from mishkit.registry import ACTIVATIONS
 
 from . import figures, report, summary
 from .kernel import MODES, KernelGrid, run_kernel_grid
-from .layers import NetworkConfig, run_bn_act, run_network
+from .layers import CompileConfig, NetworkConfig, run_bn_act, run_compiled_networks, run_network
 from .timing import TimingConfig
 
 ALL = tuple(ACTIVATIONS)
@@ -39,6 +40,10 @@ class Preset:
     bn_shape: tuple[int, int, int, int]
     network: tuple[str, int, int]  # model, batch, image size of the timed training step
     memory: tuple[str, int, int]  # model, batch, image size of the five-variant saved-bytes table
+    # (model, batch, image size) per network of the torch.compile comparison
+    compile_networks: tuple[tuple[str, int, int], ...] = ()
+    compile_backend: str = "inductor"
+    compile_min_run_s: float = 2.0  # per variant on CPU: a ResNet50 step takes about a second
     first: tuple[tuple[str, int], ...] = ()
     time_budget_s: float | None = None
     timing: dict = field(default_factory=dict)  # TimingConfig overrides
@@ -48,21 +53,25 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # CI: the whole harness path (JSON lines, summary, PNGs) in well under a minute on 2 cores
     "smoke": Preset(("mish", "relu"), ("fp32", "bf16"), (12, 14), (), (2, 8, 8, 8),
-                    (STACK, 2, 32), (STACK, 2, 32),
+                    (STACK, 2, 32), (STACK, 2, 32), compile_networks=((STACK, 2, 16),),
+                    compile_backend="aot_eager", compile_min_run_s=0.0,
                     timing={"cpu_min_run_time_s": 0.01, "warmup_calls": 1, "cpu_rotation_bytes": 0,
                             "gpu_warmup_ms": 2, "gpu_rep_ms": 5}),
     "cpu": Preset(("mish", "silu", "gelu", "relu", "hardswish", "softplus", "tanhexp", "elu"),
                   ("fp32", "bf16"), tuple(range(12, 25, 2)), ("mish",), (8, 64, 64, 64),
-                  (SEGMENTATION, 2, 96), (SEGMENTATION, 2, 512), first=(("mish", 22), ("*", 22)),
+                  (SEGMENTATION, 2, 96), (SEGMENTATION, 2, 512),
+                  compile_networks=((STACK, 4, 64), (SEGMENTATION, 2, 96)),
+                  first=(("mish", 22), ("*", 22)),
                   time_budget_s=600, timing={"cpu_min_run_time_s": 0.1}),
     # the GPU suite: every activation and dtype, 2^12..2^28 by powers of 4, target rows first;
     # torch.compile only for Mish (its target), as each compiled graph costs seconds of budget
     "gpu": Preset(ALL, ("fp32", "bf16", "fp16"), tuple(range(12, 29, 2)), ("mish",),
                   (8, 512, 64, 64), (SEGMENTATION, 2, 512), (SEGMENTATION, 2, 512),
+                  compile_networks=((STACK, 16, 128), (SEGMENTATION, 2, 512)),
                   first=(("mish", 26), ("*", 26)),
                   timing={"gpu_warmup_ms": 5, "gpu_rep_ms": 20}, bn_activations=("mish", "silu")),
 }
-SUITES = ("kernel", "bn_act", "network", "memory")
+SUITES = ("kernel", "bn_act", "network", "memory", "compile")
 TARGET_LOG2 = {"cuda": 26, "cpu": 22}
 
 
@@ -100,6 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="activations for which torch.compile is a contender")
     parser.add_argument("--time-budget", type=float,
                         help="seconds for the kernel grid; cases left over are recorded skipped")
+    parser.add_argument("--compile-backend",
+                        help="torch.compile backend of the compile suite (default: the preset's, "
+                        "inductor except in --smoke)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,6 +159,10 @@ def run(args: argparse.Namespace) -> int:
                                        timing, "network", log),
         "memory": lambda: run_network(NetworkConfig(*preset.memory, time_it=False), device,
                                       timing, "memory", log),
+        "compile": lambda: run_compiled_networks(
+            CompileConfig(preset.compile_networks, args.compile_backend or preset.compile_backend,
+                          preset.compile_min_run_s),
+            device, timing, log),
     }
     try:
         for name in args.suites:

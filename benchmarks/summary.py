@@ -53,7 +53,8 @@ def render(records: list[dict], targets: list[dict], ours: str, preferred_log2: 
                   f"## Every contender for Mish at 2^{log2}", "",
                   *_kernel_table([r for r in kernel if r["log2_numel"] == log2
                                   and r["activation"] == "mish"], by_contender=True), ""]
-    lines += _bn_act_section(records) + _network_sections(records) + _unavailable(records)
+    lines += (_bn_act_section(records) + _network_sections(records) + _compile_section(records)
+              + _unavailable(records))
     for r in records:
         if r.get("record") == "suite_error":
             lines += [f"**Suite `{r['suite']}` stopped early**: {r['reason']}", ""]
@@ -116,6 +117,29 @@ def _network_sections(records: list[dict]) -> list[str]:
         lines += [f"## {title}: {rows[0]['model']}", "",
                   *_table(["variant", "input", "images/s", "peak MiB", "saved MiB",
                            "saved vs ReLU", "status"], body), ""]
+    return lines
+
+
+def _compile_section(records: list[dict]) -> list[str]:
+    rows = [r for r in records if r.get("record") == "compile_network"]
+    lines = []
+    for network in dict.fromkeys(r["network"] for r in rows):
+        same = [r for r in rows if r["network"] == network]
+        body = [[r["variant"], f"{r['batch']}×3×{r['image_size']}²",
+                 _fmt(r.get("saved_bytes"), ".2f", MIB), _fmt(r.get("time_ms_median"), ".1f"),
+                 _fmt(r.get("images_per_s"), ".1f"), _fmt(r.get("time_ratio_vs_compile_native")),
+                 _fmt(r.get("saved_ratio_vs_compile_native")),
+                 _fmt(r.get("time_ratio_vs_eager_mishkit")), _fmt(r.get("cpu_ms_per_step"), ".1f"),
+                 _fmt(r.get("first_step_s"), ".1f"),
+                 _fmt(r.get("peak_memory_bytes"), ".0f", MIB),
+                 r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason')}"]
+                for r in same]
+        backend = next((r["compile_backend"] for r in same if r.get("compile_backend")), "?")
+        lines += [f"## torch.compile ({backend}) vs eager, training forward+backward: "
+                  f"{same[0]['model']}", "",
+                  *_table(["variant", "input", "saved MiB", "ms", "images/s", "time vs compile "
+                           "native", "saved vs compile native", "time vs eager mishkit",
+                           "CPU ms/step", "first step s", "peak MiB", "status"], body), ""]
     return lines
 
 

@@ -39,6 +39,9 @@ TORCH_LIBRARY(mishkit, m) {
         "Tensor shift, str name, float[] params) -> (Tensor, Tensor)");
   m.def("bn_act_backward_elemt(Tensor grad_out, Tensor x, Tensor mean, Tensor scale, "
         "Tensor shift, Tensor coef_xmu, Tensor coef_const, str name, float[] params) -> Tensor");
+  // CPU only: backward_reduce that also returns dz = grad_out * act'(z), for backward_elemt
+  m.def("bn_act_backward_reduce_dz(Tensor grad_out, Tensor x, Tensor mean, Tensor scale, "
+        "Tensor shift, str name, float[] params) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace mishkit {

@@ -76,12 +76,17 @@ class ActKernels(NamedTuple):
 
 
 class BnActKernels(NamedTuple):
-    """One backend's four fused BatchNorm + activation kernels (see mishkit.batchnorm)."""
+    """One backend's four fused BatchNorm + activation kernels (see mishkit.batchnorm).
+
+    ``backward_reduce_dz`` (CPU only, else None) is ``backward_reduce`` that also returns
+    ``dz = grad_out * act'(z)``, so that backward evaluates the derivative once.
+    """
 
     stats: Callable
     forward: Callable
     backward_reduce: Callable
     backward_elemt: Callable
+    backward_reduce_dz: Callable | None = None
 
 
 class KernelSet(NamedTuple):

@@ -9,6 +9,10 @@ Every compiled backend exposes three ops with one schema (the C++ extension as
 
 Their fakes and autograd are registered by the backends themselves (:mod:`mishkit.backends`);
 the ``torch`` backend is an autograd.Function with the same save-only-x contract.
+
+Under ``torch.compile``, ``backend="auto"`` runs :mod:`mishkit.backends.lowering` instead (the
+same formulas as pointwise torch ops, which Inductor fuses and recomputes); a forced backend keeps
+its kernel there too.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 from . import backends
 from ._checks import check_input
+from .backends import lowering
 from .registry import ActivationSpec
 
 
@@ -25,19 +30,27 @@ def backward(grad_out, x, name: str, params, backend: str) -> torch.Tensor:
     return backends.kernels(backend).act.backward(grad_out, x, name, list(params))
 
 
+def lowered(backend: str) -> bool:
+    """Whether ``backend`` runs as plain torch ops here: "auto" while torch.compile traces."""
+    return backend == "auto" and torch.compiler.is_compiling()
+
+
 def apply(x: torch.Tensor, spec: ActivationSpec, params: tuple, inplace: bool, backend: str):
     """Run activation ``spec`` on ``x`` with the chosen backend (the functional API's core)."""
     check_input(x, spec.name)
-    chosen = backends.choose(backend, x.device, spec.name)
-    kernels = backends.kernels(chosen).act
+    backends.check_backend_name(backend, f"mishkit.{spec.name}")
+    if inplace and torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError(
+            f"mishkit.{spec.name}(inplace=True): autograd needs the input for backward, and "
+            "the in-place op would overwrite it. Use inplace=False, or run under "
+            "torch.no_grad() / torch.inference_mode() for inference."
+        )
     params = list(params)
+    if lowered(backend):
+        y = lowering.activation(x, spec.name, params)
+        return x.copy_(y) if inplace else y
+    kernels = backends.kernels(backends.choose(backend, x.device, spec.name)).act
     if inplace:
-        if torch.is_grad_enabled() and x.requires_grad:
-            raise RuntimeError(
-                f"mishkit.{spec.name}(inplace=True): autograd needs the input for backward, and "
-                "the in-place op would overwrite it. Use inplace=False, or run under "
-                "torch.no_grad() / torch.inference_mode() for inference."
-            )
         if torch.compiler.is_compiling():
             # compile can't functionalize a custom op returning an alias of its input: write back
             return x.copy_(kernels.forward(x, spec.name, params))

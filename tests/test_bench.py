@@ -226,3 +226,33 @@ def test_a_failing_suite_is_recorded_and_the_run_still_finishes(tmp_path, monkey
 def test_the_former_mishkit_bench_command_points_to_the_harness(capsys):
     assert mishkit_main(["bench", "--smoke"]) == 2
     assert "python -m benchmarks" in capsys.readouterr().err
+
+
+def test_compile_suite_rows_ratios_and_targets(tmp_path):
+    # Dynamo alone ("eager") keeps this fast; the arithmetic is the same for any backend
+    assert main(["--smoke", "--out", str(tmp_path), "--suites", "compile",
+                 "--compile-backend", "eager"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    rows = {r["variant"]: r for r in records if r["record"] == "compile_network"}
+    assert list(rows) == list(layers.COMPILE_VARIANTS)
+    assert all(r["status"] == "ok" and r["network"] == "conv-bn-act stack" for r in rows.values())
+    assert rows["compile mishkit"]["compile_backend"] == "eager"
+    assert rows["eager mishkit"]["compile_backend"] is None
+    base, eager = rows["compile native"], rows["eager mishkit"]
+    for row in rows.values():
+        assert row["images_per_s"] == pytest.approx(row["batch"] / (row["time_ms_median"] / 1e3))
+        assert row["time_ratio_vs_compile_native"] == pytest.approx(
+            row["time_ms_median"] / base["time_ms_median"])
+        assert row["saved_ratio_vs_compile_native"] == pytest.approx(
+            row["saved_bytes"] / base["saved_bytes"])
+        assert row["time_ratio_vs_eager_mishkit"] == pytest.approx(
+            row["time_ms_median"] / eager["time_ms_median"])
+    # eager mishkit Mish saves only each activation's input: no more than nn.Mish
+    assert rows["eager mishkit"]["saved_bytes"] <= rows["eager native"]["saved_bytes"]
+    targets = {r["target"]: r for r in records if r["record"] == "target"}
+    label = "conv-bn-act stack: eager mishkit fuse_bn time ≤ eager mishkit"
+    ratio = rows["eager mishkit fuse_bn"]["time_ratio_vs_eager_mishkit"]
+    assert targets[label]["value"] == pytest.approx(ratio)
+    assert targets[label]["status"] == ("met" if ratio <= 1.0 else "not met")
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## torch.compile (eager) vs eager" in summary and "compile mishkit fuse_bn" in summary

@@ -103,7 +103,7 @@ def test_a_stage_past_its_limit_gets_sigint_and_keeps_its_partial_results(tmp_pa
     assert done.returncode == 1
     statuses = stage_statuses(summary)
     assert statuses["Triton Mish correctness (extension disabled)"] == "TIME LIMIT"
-    assert statuses["BN+act, network and memory benchmarks"] == "TIME LIMIT"
+    assert statuses["BN+act, network, memory and torch.compile network benchmarks"] == "TIME LIMIT"
     assert "2 passed, 0 failed" in summary  # pytest's partial junit, written on SIGINT
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert any(r.get("record") == "bn_act" for r in records)  # rows before the interrupt

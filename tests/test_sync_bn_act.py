@@ -48,6 +48,29 @@ def _tiny_model(backend: str) -> nn.Module:
     )
 
 
+def sync_module(backend: str, weight, bias) -> SyncBatchNormAct2d:
+    """The SyncBatchNormAct2d every rank runs (Mish, momentum 0.3, the shared parameters)."""
+    module = SyncBatchNormAct2d(CHANNELS, "mish", momentum=0.3, backend=backend,
+                                dtype=torch.float64)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        module.bias.copy_(bias)
+    return module
+
+
+def single_process_reference():
+    """BatchNorm2d + F.mish on the concatenated batch: ``(bn, x with its grad, y)``."""
+    x_full, grad_full, weight, bias = _data()
+    bn = nn.BatchNorm2d(CHANNELS, momentum=0.3, dtype=torch.float64)
+    with torch.no_grad():
+        bn.weight.copy_(weight)
+        bn.bias.copy_(bias)
+    x = x_full.clone().requires_grad_()
+    y = F.mish(bn(x))
+    y.backward(grad_full)
+    return bn, x, y.detach()
+
+
 def _worker(rank: int, port: int, backend_names: list[str], results: dict) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
@@ -56,11 +79,7 @@ def _worker(rank: int, port: int, backend_names: list[str], results: dict) -> No
         local = _rank_slice(rank)
         out = {}
         for backend in backend_names:
-            module = SyncBatchNormAct2d(CHANNELS, "mish", momentum=0.3, backend=backend,
-                                        dtype=torch.float64)
-            with torch.no_grad():
-                module.weight.copy_(weight)
-                module.bias.copy_(bias)
+            module = sync_module(backend, weight, bias)
             x = x_full[local].clone().requires_grad_()
             y = module(x)
             y.backward(grad_full[local])
@@ -93,14 +112,8 @@ def test_sync_bn_act_matches_single_process_on_concatenated_batch():
         mp.spawn(_worker, args=(_free_port(), backend_names, results), nprocs=WORLD, join=True)
         results = dict(results)
 
-    x_full, grad_full, weight, bias = _data()
-    bn = nn.BatchNorm2d(CHANNELS, momentum=0.3, dtype=torch.float64)
-    with torch.no_grad():
-        bn.weight.copy_(weight)
-        bn.bias.copy_(bias)
-    x = x_full.clone().requires_grad_()
-    y = F.mish(bn(x))
-    y.backward(grad_full)
+    x_full, grad_full, _, _ = _data()
+    bn, x, y = single_process_reference()
     reference_model = _tiny_model("torch")
     reference_model[1] = nn.Sequential(nn.BatchNorm2d(4, dtype=torch.float64), nn.SiLU())
     reference_model(x_full).backward(grad_full[:, :1].expand(-1, 4, -1, -1))

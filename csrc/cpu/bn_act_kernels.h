@@ -30,6 +30,12 @@ struct BnActKernelTable {
                          const at::Tensor& scale, const at::Tensor& shift,
                          const at::Tensor& coef_xmu, const at::Tensor& coef_const,
                          at::Tensor& grad_x, act::ActId id, const double* params);
+  // backward_reduce that also stores dz (x's dtype and layout), evaluating act' once per
+  // backward: backward_elemt then runs on dz with the identity activation
+  void (*backward_reduce_dz)(const at::Tensor& grad_out, const at::Tensor& x,
+                             const at::Tensor& mean, const at::Tensor& scale,
+                             const at::Tensor& shift, at::Tensor& sum_dz, at::Tensor& sum_dz_xmu,
+                             at::Tensor& dz, act::ActId id, const double* params);
 };
 
 namespace DEFAULT {

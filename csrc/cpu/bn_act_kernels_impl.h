@@ -273,10 +273,12 @@ void stats_loop(const at::Tensor& x, at::Tensor& mean, at::Tensor& var) {
   }
 }
 
+// dz_out (may be null): also stores dz, so that backward_elemt need not evaluate act' again.
 template <class Op, class scalar_t>
 void backward_reduce_loop(const at::Tensor& grad_out, const at::Tensor& x,
                           const Channel<at::opmath_type<scalar_t>>& ch, at::Tensor& sum_dz,
-                          at::Tensor& sum_dz_xmu, const double* params) {
+                          at::Tensor& sum_dz_xmu, const double* params,
+                          scalar_t* dz_out = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vectorized<acc_t>;
   const act::Params<acc_t> ps{static_cast<acc_t>(params[0]), static_cast<acc_t>(params[1])};
@@ -292,6 +294,7 @@ void backward_reduce_loop(const at::Tensor& grad_out, const at::Tensor& x,
         const V dz = dz_value<Op, act::VecMath<acc_t>>(load<acc_t>(gp + i), xmu,
                                                        channel_vec(ch.scale, c, pe),
                                                        channel_vec(ch.shift, c, pe), pv);
+        if (dz_out) store<acc_t>(dz_out + i, dz);
         sa += dz;
         sb += dz * xmu;
       },
@@ -299,6 +302,7 @@ void backward_reduce_loop(const at::Tensor& grad_out, const at::Tensor& x,
         const acc_t xmu = static_cast<acc_t>(xp[i]) - ch.mean[c];
         const acc_t dz = dz_value<Op, act::ScalarMath<acc_t>>(static_cast<acc_t>(gp[i]), xmu,
                                                               ch.scale[c], ch.shift[c], ps);
+        if (dz_out) dz_out[i] = static_cast<scalar_t>(dz);
         sa += dz;
         sb += dz * xmu;
       },
@@ -350,6 +354,21 @@ inline void backward_reduce(const at::Tensor& grad_out, const at::Tensor& x,
   });
 }
 
+// backward_reduce that also writes dz = grad_out * act'(z) into dz (x's dtype and layout)
+inline void backward_reduce_dz(const at::Tensor& grad_out, const at::Tensor& x,
+                               const at::Tensor& mean, const at::Tensor& scale,
+                               const at::Tensor& shift, at::Tensor& sum_dz,
+                               at::Tensor& sum_dz_xmu, at::Tensor& dz, act::ActId id,
+                               const double* params) {
+  MISHKIT_BN_DISPATCH(x, "mishkit_bn_act_backward_reduce_dz", [&] {
+    const auto ch = channel_of<at::opmath_type<scalar_t>>(mean, scale, shift);
+    act::visit_activation(id, [&](auto op) {
+      backward_reduce_loop<decltype(op), scalar_t>(grad_out, x, ch, sum_dz, sum_dz_xmu, params,
+                                                   dz.data_ptr<scalar_t>());
+    });
+  });
+}
+
 inline void backward_elemt(const at::Tensor& grad_out, const at::Tensor& x,
                            const at::Tensor& mean, const at::Tensor& scale,
                            const at::Tensor& shift, const at::Tensor& coef_xmu,
@@ -370,7 +389,7 @@ inline void backward_elemt(const at::Tensor& grad_out, const at::Tensor& x,
 
 const BnActKernelTable& bn_act_kernel_table() {
   static const BnActKernelTable table{&bn_act::stats, &bn_act::forward, &bn_act::backward_reduce,
-                                      &bn_act::backward_elemt};
+                                      &bn_act::backward_elemt, &bn_act::backward_reduce_dz};
   return table;
 }
 

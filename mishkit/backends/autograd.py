@@ -1,4 +1,5 @@
-"""Autograd for a compiled backend's activation op pair, shared by the extension and Triton.
+"""Autograd for a compiled backend's activation op pair, shared by the extension and Triton, and
+the autograd.Function of the pure-torch activations (the reference backend, the compile lowering).
 
 Forward saves only ``x``; backward is one call of the backend's fused backward op; double
 backward reuses that op for d/d(grad_out) and the registry's differentiable derivative formula
@@ -28,6 +29,30 @@ def second_derivative(spec: ActivationSpec, x: torch.Tensor, params) -> torch.Te
             return torch.zeros_like(x)
         (d2,) = torch.autograd.grad(d1, xd, torch.ones_like(d1))
     return d2.to(x.dtype)
+
+
+def save_input_function(name: str, forward_fn, backward_fn) -> type[torch.autograd.Function]:
+    """An autograd.Function ``forward_fn(x, name, params)`` that saves only ``x`` and whose
+    backward is ``backward_fn(grad_out, x, name, params)`` (the pure-torch backends' contract)."""
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(x, name, params):
+            return forward_fn(x, name, params)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            x, name, params = inputs
+            ctx.save_for_backward(x)
+            ctx.name, ctx.params = name, params
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            (x,) = ctx.saved_tensors
+            return backward_fn(grad_out, x, ctx.name, ctx.params), None, None
+
+    Function.__name__ = Function.__qualname__ = name
+    return Function
 
 
 def register_op_autograd(forward_op: str, backward_op: str, backward_fn) -> None:

@@ -91,12 +91,19 @@ def register_bn_act_fakes(prefix: str) -> None:
         return torch.empty_like(x)
 
 
+def _register_cpu_bn_act_fakes() -> None:
+    @torch.library.register_fake("mishkit::bn_act_backward_reduce_dz")
+    def _(grad_out, x, mean, scale, shift, name, params):
+        channel_vector = x.new_empty(x.shape[1], dtype=compute_dtype(x.dtype))
+        return channel_vector, torch.empty_like(channel_vector), torch.empty_like(x)
+
+
 def _kernel_set() -> KernelSet:
     ops = torch.ops.mishkit
     return KernelSet(
         ActKernels(ops.act_forward, ops.act_forward_, ops.act_backward),
         BnActKernels(ops.bn_act_stats, ops.bn_act_forward, ops.bn_act_backward_reduce,
-                     ops.bn_act_backward_elemt),
+                     ops.bn_act_backward_elemt, ops.bn_act_backward_reduce_dz),
     )
 
 
@@ -104,4 +111,5 @@ KERNELS: KernelSet | None = None
 if MODULE is not None:
     _register_activation_ops()
     register_bn_act_fakes("mishkit::bn_act_")
+    _register_cpu_bn_act_fakes()
     KERNELS = _kernel_set()

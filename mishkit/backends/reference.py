@@ -12,28 +12,25 @@ import torch
 
 from .._checks import ActKernels, BnActKernels, KernelSet, compute_dtype
 from ..registry import get_spec
+from .autograd import save_input_function
 
 # -- activations -----------------------------------------------------------------------------------
 
 
-class ReferenceActivation(torch.autograd.Function):
-    """Registry formulas; saves only ``x``; double backward via autograd."""
+def _reference(x, name, params):
+    spec = get_spec(name)
+    return spec.reference(x.to(compute_dtype(x.dtype)), **spec.kwargs(params)).to(x.dtype)
 
-    @staticmethod
-    def forward(x, name, params):
-        spec = get_spec(name)
-        return spec.reference(x.to(compute_dtype(x.dtype)), **spec.kwargs(params)).to(x.dtype)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, name, params = inputs
-        ctx.save_for_backward(x)
-        ctx.name, ctx.params = name, params
+def backward(grad_out, x, name, params):
+    spec = get_spec(name)
+    compute = compute_dtype(x.dtype)
+    d = spec.derivative(x.to(compute), **spec.kwargs(tuple(params)))
+    return (grad_out.to(compute) * d).to(x.dtype)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        return backward(grad_out, x, ctx.name, ctx.params), None, None
+
+# Registry formulas; saves only ``x``; double backward via autograd.
+ReferenceActivation = save_input_function("ReferenceActivation", _reference, backward)
 
 
 def forward(x, name, params):
@@ -42,13 +39,6 @@ def forward(x, name, params):
 
 def forward_(x, name, params):
     return x.copy_(forward(x, name, params))
-
-
-def backward(grad_out, x, name, params):
-    spec = get_spec(name)
-    compute = compute_dtype(x.dtype)
-    d = spec.derivative(x.to(compute), **spec.kwargs(tuple(params)))
-    return (grad_out.to(compute) * d).to(x.dtype)
 
 
 # -- fused BatchNorm + activation ------------------------------------------------------------------

@@ -4,6 +4,12 @@
 and saves ``x`` plus four ``(C,)`` vectors only; ``z = x̂ γ + β`` is recomputed in backward. The
 cross-process reduction of SyncBatchNormAct2d happens here, between kernel calls. Double backward
 is not supported: differentiating the gradients raises.
+
+On CPU, backward evaluates ``act'(z)`` once: the reduce pass stores ``dz = grad_out · act'(z)``
+and the elementwise pass reads it with the identity activation. CPU kernels are compute-bound on
+a smooth activation's derivative (one exp and two divisions per element for Mish, more than
+writing and reading back one value), so computing it in both passes made the fused backward
+cost as much as BatchNorm2d + the activation. GPUs are memory-bound: they recompute it.
 """
 
 from __future__ import annotations
@@ -12,7 +18,11 @@ import torch
 
 from .. import backends
 from .._checks import BnActKernels, compute_dtype, match_layout
+from ..registry import get_spec
 from .distributed import all_reduce_sum, sync_stats
+
+# leaky_relu(z, 1) == z with derivative exactly 1: the BN+act kernels then compute plain BN.
+IDENTITY = ("leaky_relu", [1.0])
 
 
 class BatchNormActFunction(torch.autograd.Function):
@@ -94,14 +104,21 @@ def batch_norm_act_gradients(grad_out, x, statistics, setup, needs, param_dtypes
     grad_x = grad_weight = grad_bias = None
     sum_dz = sum_dz_xmu = None
     if need_weight or need_bias or (need_x and use_batch_stats):
-        sum_dz, sum_dz_xmu = kernels.backward_reduce(grad_out, x, mean, scale, shift, name, params)
+        if need_x and stores_dz(kernels, x, name):
+            sum_dz, sum_dz_xmu, grad_out = kernels.backward_reduce_dz(
+                grad_out, x, mean, scale, shift, name, params)
+            name, params = IDENTITY  # grad_out is dz now
+        else:
+            sum_dz, sum_dz_xmu = kernels.backward_reduce(grad_out, x, mean, scale, shift, name,
+                                                         params)
     if need_x:
         if use_batch_stats:
             total_dz, total_dz_xmu = sum_dz, sum_dz_xmu
             if group is not None:
                 total_dz, total_dz_xmu = all_reduce_sum([sum_dz, sum_dz_xmu], group)
-            coef_xmu = -scale * invstd * invstd * (total_dz_xmu / count)
-            coef_const = -scale * (total_dz / count)
+            per_value = scale / -count
+            coef_const = total_dz * per_value
+            coef_xmu = total_dz_xmu * per_value * invstd.square()
         else:  # running statistics: BN is a fixed per-channel affine map
             coef_xmu = coef_const = torch.zeros_like(scale)
         grad_x = kernels.backward_elemt(grad_out, x, mean, scale, shift, coef_xmu, coef_const,
@@ -112,6 +129,15 @@ def batch_norm_act_gradients(grad_out, x, statistics, setup, needs, param_dtypes
     if need_bias:
         grad_bias = sum_dz.to(bias_dtype)
     return grad_x, grad_weight, grad_bias
+
+
+def stores_dz(kernels: BnActKernels, x: torch.Tensor, name: str) -> bool:
+    """Whether backward takes dz from the reduce pass instead of recomputing it (see above):
+    CPU kernels, a smooth activation (the others' derivatives are piecewise constant or one exp
+    on one side, cheaper than the extra write), float32/float64 (a half dz would be rounded once
+    more than the recomputed one)."""
+    return (kernels.backward_reduce_dz is not None and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64) and get_spec(name).smooth)
 
 
 def reject_double_backward(anchor: torch.Tensor, grads: tuple) -> tuple:

@@ -2,12 +2,17 @@
 
 Statistics travel as (count, mean, biased variance) per rank, so ranks may hold different batch
 sizes (and an empty rank contributes nothing); backward sums are all-reduced in one message.
+Under torch.compile, :func:`sync_moments` computes them with differentiable functional
+collectives instead, so autograd all-reduces the gradients (see :mod:`.lowering`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+if dist.is_available():  # builds without distributed support have no process groups to sync
+    from torch.distributed import _functional_collectives as funcol
 
 
 def sync_stats(mean, var, count: int, group):
@@ -33,3 +38,19 @@ def all_reduce_sum(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
     flat = torch.cat(tensors)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     return list(flat.split([t.numel() for t in tensors]))
+
+
+def sync_moments(x: torch.Tensor, dims: list[int], count, group):
+    """``(mean, biased var, total count)`` per channel of ``x`` over ``group``, differentiable.
+
+    Two passes, as a single-process variance: the global mean first, then the global sum of
+    squared deviations from it (no E[x^2] - E[x]^2 cancellation). The functional all_reduce's
+    backward all-reduces the gradient, which is exactly SyncBatchNorm's cross-rank gradient term.
+    """
+    local = torch.cat([x.sum(dims), torch.full((1,), count, dtype=x.dtype, device=x.device)])
+    sums = funcol.all_reduce(local, "sum", group)
+    total = sums[-1]
+    mean = sums[:-1] / total
+    deviation = x - mean.view(1, -1, *([1] * (x.dim() - 2)))
+    var = funcol.all_reduce(deviation.square().sum(dims), "sum", group) / total
+    return mean, var, total

@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import backends
+from .. import backends, ops
 from .._checks import check_input, dense_format
 from ..registry import get_spec
+from . import lowering
 from .autograd import BatchNormActFunction
 from .residual import BatchNormAddActFunction, check_residual
 
@@ -51,7 +52,9 @@ def batch_norm_act(x, running_mean, running_var, weight, bias, use_batch_stats: 
     ``x`` is ``(N, C, *)``. Contiguous, channels_last and channels_last_3d tensors are used as
     they are; any other strides are copied once to contiguous. ``process_group`` (training
     only) all-reduces the statistics like ``torch.nn.SyncBatchNorm``. ``residual`` (x's shape,
-    dtype and device, any strides) is added before the activation (:mod:`.residual`).
+    dtype and device, any strides) is added before the activation (:mod:`.residual`). Under
+    ``torch.compile``, ``backend="auto"`` runs the same computation as plain torch ops
+    (:mod:`.lowering`).
     """
     op = f"batch_norm_act({name})"
     check_input(x, op)
@@ -69,6 +72,12 @@ def batch_norm_act(x, running_mean, running_var, weight, bias, use_batch_stats: 
         raise ValueError(f"mishkit.{op}: running statistics are required without batch stats")
     spec = get_spec(name)  # canonical name (the compiled kernels take no aliases)
     params = spec.bind(tuple(params), {})
+    if ops.lowered(backend):
+        if residual is not None:
+            check_residual(residual, x, op)
+        return lowering.batch_norm_act(x, running_mean, running_var, weight, bias,
+                                       use_batch_stats, momentum, eps, spec.name, params,
+                                       process_group, residual)
     chosen = backends.choose(backend, x.device, op)
     x = x.contiguous(memory_format=dense_format(x))
     if residual is not None:
