@@ -38,7 +38,7 @@ class Preset:
     compile_activations: tuple[str, ...]
     bn_shape: tuple[int, int, int, int]
     network: tuple[str, int, int]  # model, batch, image size of the timed training step
-    memory: tuple[str, int, int]  # model, batch, image size of the five-variant saved-bytes table
+    memory: tuple[str, int, int]  # model, batch, image size of the saved-bytes table
     first: tuple[tuple[str, int], ...] = ()
     time_budget_s: float | None = None
     timing: dict = field(default_factory=dict)  # TimingConfig overrides

@@ -202,6 +202,8 @@ def _check_value(key: str, default: Any, value: Any, where: str) -> Any:
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
+        if key == "MODEL.fuse_bn" and value in ("input", "output"):  # what fused norms save
+            return value
     elif isinstance(default, int):
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -34,7 +34,8 @@ def run_config(cfg: Config, arm: dict, seed: int, out: Path) -> Config:
     run = Config(cfg.to_dict())
     run.MODEL.activation = arm["activation"]
     run.MODEL.activation_scope = arm.get("scope", "all")
-    run.MODEL.fuse_bn = bool(arm.get("fuse_bn", False))
+    fuse_bn = arm.get("fuse_bn", False)
+    run.MODEL.fuse_bn = fuse_bn if fuse_bn in ("input", "output") else bool(fuse_bn)
     run.TRAIN.seed = int(seed)
     run.TRAIN.resume = ""
     run.TRAIN.ckpt_dir = ""

@@ -35,21 +35,24 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from .._checks import check_input, dense_format
+from .._checks import check_input, dense_format, same_layout
 from ..registry import get_spec
 from .autograd import BatchNormActFunction
+from .output import BatchNormActOutputFunction, check_invertible, check_saves, saves_output
 from .residual import BatchNormAddActFunction, check_residual
 
 
 def batch_norm_act(x, running_mean, running_var, weight, bias, use_batch_stats: bool,
                    momentum: float, eps: float, name: str, params: tuple, backend: str = "auto",
-                   process_group=None, residual: torch.Tensor | None = None) -> torch.Tensor:
+                   process_group=None, residual: torch.Tensor | None = None,
+                   saves: str = "input") -> torch.Tensor:
     """``act(batch_norm(x, ...) [+ residual])`` fused; arguments as ``F.batch_norm`` + activation.
 
     ``x`` is ``(N, C, *)``. Contiguous and channels_last tensors are used as they are; any other
     strides are copied once to contiguous. ``process_group`` (training only) all-reduces the
     statistics like ``torch.nn.SyncBatchNorm``. ``residual`` (x's shape, dtype and device, any
-    strides) is added before the activation (:mod:`.residual`).
+    strides) is added before the activation (:mod:`.residual`). ``saves="output"`` saves the
+    output instead of the input for backward (:mod:`.output`).
     """
     op = f"batch_norm_act({name})"
     check_input(x, op)
@@ -67,10 +70,19 @@ def batch_norm_act(x, running_mean, running_var, weight, bias, use_batch_stats: 
         raise ValueError(f"mishkit.{op}: running statistics are required without batch stats")
     spec = get_spec(name)  # canonical name (the compiled kernels take no aliases)
     params = spec.bind(tuple(params), {})
+    if check_saves(saves, f"mishkit.{op}") == "output":
+        check_invertible(spec.name, params, f"mishkit.{op}")
     chosen = backends.choose(backend, x.device, op)
     x = x.contiguous(memory_format=dense_format(x))
     if residual is not None:
         check_residual(residual, x, op)
+    if saves == "output" and saves_output(x, weight, bias, residual, op):
+        if residual is not None and not same_layout(residual, x):  # the kernels index both alike
+            residual = residual.contiguous(memory_format=dense_format(x))
+        return BatchNormActOutputFunction.apply(x, residual, weight, bias, running_mean,
+                                                running_var, use_batch_stats, momentum, eps,
+                                                spec.name, params, chosen, process_group)
+    if residual is not None:
         return BatchNormAddActFunction.apply(x, residual, weight, bias, running_mean, running_var,
                                              use_batch_stats, momentum, eps, spec.name, params,
                                              chosen, process_group)

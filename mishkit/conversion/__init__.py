@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import backends
+from ..backends.inversion import invertibility_error
 from ..batchnorm import BatchNormAct2d, SyncBatchNormAct2d
 from ..batchnorm.modules import HOOK_DICTS
 from ..nn import Activation, from_torch, get_activation, to_torch
@@ -135,7 +136,7 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def convert(model: nn.Module, activation, *, replace=DEFAULT_REPLACE, include=None, exclude=None,
-            functional: bool = False, fuse_bn: bool = False, backend: str = "auto",
+            functional: bool = False, fuse_bn: bool | str = False, backend: str = "auto",
             report: bool = False, **params):
     """Replace ``model``'s activations by ``activation`` (a registry name, alias, or ``"native"``).
 
@@ -151,10 +152,14 @@ def convert(model: nn.Module, activation, *, replace=DEFAULT_REPLACE, include=No
     - ``fuse_bn``: BatchNorm2d / SyncBatchNorm followed by an activation -> (Sync)BatchNormAct2d,
       in Sequentials (the activation slot becomes Identity) and in traced forwards, where
       ``act(bn(x) + r)`` (a residual block's end) becomes ``bn(x, residual=r)`` too.
+      ``fuse_bn="output"`` makes them ``saves="output"`` (they keep only their output for
+      backward; pairs whose activation cannot be inverted keep ``saves="input"``, reported in
+      ``skipped``); ``True`` / ``"input"`` save the input.
     - ``"native"``: mishkit modules, fused norms and rewritten calls back to plain torch.
     """
     replace = _validate(model, replace, backend)
     name, bound = _resolve(activation, params)
+    saves = _fuse_saves(fuse_bn, name, bound)
     scope, result = _Scope(include, exclude), ConversionReport()
     if name == NATIVE:
         _to_native(model, scope, result)
@@ -162,7 +167,7 @@ def convert(model: nn.Module, activation, *, replace=DEFAULT_REPLACE, include=No
         _swap_modules(model, replace, name, bound, backend, scope, result)
         if functional or fuse_bn:
             _rewrite_graphs(model, replace, name, bound, backend, scope, result, functional,
-                            fuse_bn)
+                            saves)
     if not result.replaced and not result.skipped:
         warnings.warn("mishkit.convert: the model has nothing to convert", UserWarning,
                       stacklevel=2)
@@ -178,6 +183,9 @@ def _retarget_fused(model, name, bound, backend, scope, result) -> None:
             continue
         old = repr(module)
         module.activation, module.activation_params, module.backend = name, bound, backend
+        if module.saves == "output" and (reason := invertibility_error(name, bound)) is not None:
+            module.saves = "input"
+            result.skipped.append((path, f"{name} cannot be inverted ({reason}): now saves='input'"))
         result.replaced.append((path, old, repr(module), "fused_bn"))
 
 
@@ -204,7 +212,8 @@ def _swap_modules(model, replace, name, bound, backend, scope, result) -> None:
         result.replaced.append((path, type(child).__name__, repr(new), "module"))
 
 
-def _rewrite_graphs(model, replace, name, bound, backend, scope, result, functional, fuse_bn):
+def _rewrite_graphs(model, replace, name, bound, backend, scope, result, functional, saves):
+    fuse_bn = saves is not None
     graphs = {}
     for path, module in model.named_modules():
         if not scope(path) or not fx.traceable_kind(module):
@@ -216,7 +225,7 @@ def _rewrite_graphs(model, replace, name, bound, backend, scope, result, functio
                 raise
             result.skipped.append((path, f"BN fusion needs torch.fx: {exc}"))
     if fuse_bn:
-        _fuse_sequentials(model, backend, scope, result)
+        _fuse_sequentials(model, backend, scope, result, saves)
     for path, (module, graph) in graphs.items():
         changed = False
         if functional:
@@ -228,7 +237,7 @@ def _rewrite_graphs(model, replace, name, bound, backend, scope, result, functio
             result.skipped += [(f"{path}:{d}", reason) for d, reason in skipped]
             changed = bool(done)
         if fuse_bn and not isinstance(module, nn.Sequential):
-            fuser = _Fuser(module, path, backend, result)
+            fuser = _Fuser(module, path, backend, result, saves)
             done, skipped = fx.fuse_bn(module, graph, fuser, _fusable)
             result.skipped += [(_join(path, t), reason) for t, reason in skipped]
             changed = changed or bool(done)
@@ -244,22 +253,47 @@ def _fusable(module: nn.Module) -> bool:
     return type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
-def _fused(bn: nn.Module, name: str, params: tuple, backend: str) -> nn.Module:
+def _fuse_saves(fuse_bn, name: str, params: tuple) -> str | None:
+    """What fused norms save ("input" / "output"), or None without fusion."""
+    if not (isinstance(fuse_bn, bool) or fuse_bn in ("input", "output")):
+        raise ValueError(f"convert: fuse_bn must be True, False, 'input' or 'output', got "
+                         f"{fuse_bn!r}")
+    if not fuse_bn:
+        return None
+    saves = "output" if fuse_bn == "output" else "input"
+    if saves == "output" and name != NATIVE:
+        reason = invertibility_error(name, params)
+        if reason is not None:
+            raise ValueError(
+                f"convert: fuse_bn='output' saves only the activation's output, but {name!r} "
+                f"cannot be inverted ({reason}); use fuse_bn=True, which saves the BatchNorm input"
+            )
+    return saves
+
+
+def _fused(bn: nn.Module, name: str, params: tuple, backend: str, saves: str, path: str,
+           result: ConversionReport) -> nn.Module:
+    if saves == "output" and (reason := invertibility_error(name, params)) is not None:
+        saves = "input"
+        result.skipped.append((path, f"{name} cannot be inverted ({reason}): fused with "
+                                     "saves='input'"))
     if type(bn) is nn.SyncBatchNorm:
-        return SyncBatchNormAct2d.from_sync_batchnorm(bn, name, params, backend)
-    return BatchNormAct2d.from_batchnorm(bn, name, params, backend)
+        return SyncBatchNormAct2d.from_sync_batchnorm(bn, name, params, backend, saves)
+    return BatchNormAct2d.from_batchnorm(bn, name, params, backend, saves)
 
 
 class _Fuser:
     """Installs one fused BN+act module inside a traced module and records it in the report."""
 
-    def __init__(self, module, path, backend, result):
+    def __init__(self, module, path, backend, result, saves):
         self.module, self.path, self.backend, self.result = module, path, backend, result
+        self.saves = saves
 
     def __call__(self, target, bn, name, params, act_module=None, residual=False) -> str | None:
         if _has_hooks(bn) or (act_module is not None and _has_hooks(act_module)):
             return "the norm or its activation has hooks that fusion would bypass"
-        fused = _fused(bn, name, params, self.backend)
+        fused = _fused(bn, name, params, self.backend, self.saves, _join(self.path, target),
+                       self.result)
         self.module.set_submodule(target, fused)
         act = type(act_module).__name__ if act_module else name
         old = f"{type(bn).__name__} + add + {act}" if residual else f"{type(bn).__name__} + {act}"
@@ -268,7 +302,7 @@ class _Fuser:
         return None
 
 
-def _fuse_sequentials(model, backend, scope, result) -> None:
+def _fuse_sequentials(model, backend, scope, result, saves) -> None:
     for path, seq in model.named_modules():
         if type(seq) is not nn.Sequential:
             continue
@@ -281,7 +315,7 @@ def _fuse_sequentials(model, backend, scope, result) -> None:
             if _has_hooks(bn) or _has_hooks(act):
                 result.skipped.append((_join(path, first), "norm or activation has hooks"))
                 continue
-            fused = _fused(bn, *found, backend)
+            fused = _fused(bn, *found, backend, saves, _join(path, first), result)
             seq._modules[first], seq._modules[second] = fused, nn.Identity()
             old = f"{type(bn).__name__} + {type(act).__name__}"
             result.replaced.append((_join(path, first), old, repr(fused), "fused_bn"))

@@ -1,0 +1,309 @@
+"""Triton kernels for BatchNorm + activation that saves only its output (the contract:
+:mod:`mishkit.batchnorm.output`; the inverse: :mod:`mishkit.backends.inversion`).
+
+Registered as ``torch.ops.mishkit.triton_bn_act_output_{forward,backward_reduce,backward_elemt}``.
+Tensors are dense (NCHW-contiguous or channels_last) and indexed like :mod:`.bn_act`'s kernels.
+
+* forward: each program owns ``BYTES`` whole bytes of the mask, i.e. a ``[BYTES, 8]`` tile of
+  consecutive elements, so the bits of a byte are summed in registers and stored once.
+* backward_reduce: one program per block of channels walks all rows (as ``bn_act``'s reduction);
+  backward_elemt: flat elementwise. Both read bit ``i & 7`` of mask byte ``i >> 3`` and recover
+  ``z`` by :func:`invert`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ..._checks import BnActOutputKernels, compute_dtype
+from ..inversion import HEADER, NEWTON_STEPS, TABLE_INTERVALS, saturation_floors
+from . import interpret_mode
+from .bn_act import _TL_DTYPES, ELEMENTWISE_BLOCK, _channel_of, _check, _geometry, _reduction_blocks
+from .bn_act import _tile as _load_tile
+from .math import ACTIVATION_IDS, ELU, LEAKY_RELU, SELU, SELU_ALPHA, SELU_SCALE, SOFTPLUS
+from .math import _expm1, derivative_math, forward_math
+
+_N = tl.constexpr(TABLE_INTERVALS)
+_NODES = tl.constexpr(TABLE_INTERVALS + 1)
+_HEADER = tl.constexpr(HEADER)
+MASK_BYTES = 8 if interpret_mode() else 128  # bytes (x 8 elements) per forward program
+
+
+@triton.jit
+def _max_of(a, b):
+    return tl.where(a > b, a, b)  # NaN in a gives b
+
+
+@triton.jit
+def _min_of(a, b):
+    return tl.where(a < b, a, b)
+
+
+@triton.jit
+def _log1p(u):
+    """log(1 + u) to a few ulp for u > -1: log(w) u / (w - 1) corrects the rounding of w = 1 + u."""
+    w = 1.0 + u
+    return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+
+
+@triton.jit
+def _hermite(table_ptr, q, base):
+    """Cubic Hermite interpolation at q in [0, N] of the table starting at node ``base``."""
+    i = _min_of(tl.floor(q), _N - 1.0)
+    w = q - i
+    at = (i + base).to(tl.int32)
+    values = table_ptr + _HEADER
+    slopes = values + 3 * _NODES
+    z0 = tl.load(values + at)
+    z1 = tl.load(values + at + 1)
+    m0 = tl.load(slopes + at)
+    m1 = tl.load(slopes + at + 1)
+    w2 = w * w
+    w3 = w2 * w
+    return ((2.0 * w3 - 3.0 * w2 + 1.0) * z0 + (w3 - 2.0 * w2 + w) * m0
+            + (3.0 * w2 - 2.0 * w3) * z1 + (w3 - w2) * m1)
+
+
+@triton.jit
+def _invert_tabulated(y, left, table_ptr, p0, p1, log_floor, ACT: tl.constexpr,
+                      NEWTON: tl.constexpr):
+    z_star = tl.load(table_ptr + 0)
+    y_star = tl.load(table_ptr + 1)
+    inv_k = tl.load(table_ptr + 2)
+    t_right = tl.load(table_ptr + 3)
+    scale_right = tl.load(table_ptr + 4)
+    t_left = tl.load(table_ptr + 5)
+    scale_left = tl.load(table_ptr + 6)
+    log_tail = tl.load(table_ptr + 7)
+    scale_tail = tl.load(table_ptr + 8)
+    t = tl.sqrt(_max_of(y - y_star, 0.0))  # y below y* (rounding): the minimum
+    log_neg = _max_of(tl.log(-y), log_floor)  # y >= 0 or NaN: the floor
+    s = tl.sqrt(_max_of(log_tail - log_neg, 0.0))
+    near = t <= t_left
+    q = tl.where(left, tl.where(near, t * scale_left, s * scale_tail), t * scale_right)
+    base = tl.where(left, tl.where(near, 1.0 * _NODES, 2.0 * _NODES), 0.0)
+    q = _max_of(_min_of(q, 1.0 * _N), 0.0)  # NaN -> N: in bounds
+    z = _hermite(table_ptr, q, base)
+    z = tl.where(left, z, tl.where(t > t_right, y * inv_k, z))
+    for _ in tl.static_range(NEWTON):
+        step = (forward_math(z, p0, p1, ACT) - y) / derivative_math(z, p0, p1, ACT)
+        z = tl.where(tl.abs(step) < float("inf"), z - step, z)  # f' = 0 or NaN: no step
+        z = tl.where(left, _min_of(z, z_star), _max_of(z, z_star))
+    return tl.where(y == y, z, y)
+
+
+@triton.jit
+def invert(y, left, table_ptr, p0, p1, floor, log_floor, ACT: tl.constexpr,
+           NEWTON: tl.constexpr):
+    """z with f(z) = y on the branch ``left`` marks (mishkit.backends.inversion.invert)."""
+    if ACT == LEAKY_RELU:
+        z = tl.where(left, y / p0, y)
+    elif ACT == ELU:
+        below = _max_of(_log1p(_max_of(y / p0, -1.0)), floor)
+        z = tl.where(left & (y == y), below, y)
+    elif ACT == SELU:
+        u = y / (SELU_SCALE * SELU_ALPHA)
+        below = _max_of(_log1p(_max_of(u, -1.0)), floor)
+        z = tl.where(left, tl.where(y == y, below, y), y / SELU_SCALE)
+    elif ACT == SOFTPLUS:
+        below = _max_of(tl.log(_expm1(y * p0)) / p0, floor)
+        z = tl.where(left & (y == y), below, y)
+    else:
+        z = _invert_tabulated(y, left, table_ptr, p0, p1, log_floor, ACT, NEWTON)
+    return z
+
+
+@triton.jit
+def _left_bits(mask_ptr, offsets, valid):
+    byte = tl.load(mask_ptr + (offsets >> 3), mask=valid, other=0).to(tl.int32)
+    return ((byte >> (offsets & 7).to(tl.int32)) & 1) != 0
+
+
+@triton.jit
+def _forward_kernel(x_ptr, r_ptr, mean_ptr, scale_ptr, shift_ptr, consts_ptr, y_ptr, mask_ptr,
+                    numel, C, stride_c, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
+                    BYTES: tl.constexpr, COMPUTE: tl.constexpr):
+    byte = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES).to(tl.int64)
+    bit = tl.arange(0, 8)
+    i = byte[:, None] * 8 + bit[None, :]
+    valid = i < numel
+    c = _channel_of(i, C, stride_c)
+    x = tl.load(x_ptr + i, mask=valid, other=0.0).to(COMPUTE)
+    z = (x - tl.load(mean_ptr + c, mask=valid)) * tl.load(scale_ptr + c, mask=valid)
+    z += tl.load(shift_ptr + c, mask=valid)
+    if HAS_RESIDUAL:
+        z += tl.load(r_ptr + i, mask=valid, other=0.0).to(COMPUTE)
+    y = forward_math(z, tl.load(consts_ptr), tl.load(consts_ptr + 1), ACT)
+    tl.store(y_ptr + i, y.to(y_ptr.dtype.element_ty), mask=valid)
+    bits = ((z < tl.load(consts_ptr + 2)) & valid).to(tl.int32) << bit[None, :]
+    tl.store(mask_ptr + byte, tl.sum(bits, axis=1).to(tl.uint8), mask=byte * 8 < numel)
+
+
+@triton.jit
+def _recover(g, y, r, left, c_mask_or_valid, c_shift, c_inv_scale, table_ptr, consts_ptr,
+             HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr, NEWTON: tl.constexpr):
+    """(dz, xmu) from grad_out, y, residual and the branch bits."""
+    p0 = tl.load(consts_ptr)
+    p1 = tl.load(consts_ptr + 1)
+    z = invert(y, left, table_ptr, p0, p1, tl.load(consts_ptr + 2), tl.load(consts_ptr + 3), ACT,
+               NEWTON)
+    u = z - c_shift
+    if HAS_RESIDUAL:
+        u -= r
+    dz = g * derivative_math(z, p0, p1, ACT)
+    return tl.where(c_mask_or_valid, dz, 0.0), u * c_inv_scale
+
+
+@triton.jit
+def _backward_reduce_kernel(g_ptr, y_ptr, r_ptr, mask_ptr, inv_scale_ptr, shift_ptr, table_ptr,
+                            consts_ptr, sum_dz_ptr, sum_dz_xmu_ptr, C, R, S, stride_n, stride_c,
+                            stride_s, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
+                            NEWTON: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                            COMPUTE: tl.constexpr):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    c_mask = c < C
+    shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)[None, :]
+    inv_scale = tl.load(inv_scale_ptr + c, mask=c_mask, other=0.0)[None, :]
+    sum_dz = tl.zeros([BLOCK_R, BLOCK_C], COMPUTE)
+    sum_dz_xmu = tl.zeros([BLOCK_R, BLOCK_C], COMPUTE)
+    for start in range(0, R, BLOCK_R):
+        y, offsets, valid = _load_tile(y_ptr, start, c, c_mask, R, S, stride_n, stride_c,
+                                       stride_s, BLOCK_R, COMPUTE)
+        g = tl.load(g_ptr + offsets, mask=valid, other=0.0).to(COMPUTE)
+        r = 0.0
+        if HAS_RESIDUAL:
+            r = tl.load(r_ptr + offsets, mask=valid, other=0.0).to(COMPUTE)
+        dz, xmu = _recover(g, y, r, _left_bits(mask_ptr, offsets, valid), valid, shift,
+                           inv_scale, table_ptr, consts_ptr, HAS_RESIDUAL, ACT, NEWTON)
+        sum_dz += dz
+        sum_dz_xmu += tl.where(valid, dz * xmu, 0.0)
+    tl.store(sum_dz_ptr + c, tl.sum(sum_dz, axis=0), mask=c_mask)
+    tl.store(sum_dz_xmu_ptr + c, tl.sum(sum_dz_xmu, axis=0), mask=c_mask)
+
+
+@triton.jit
+def _backward_elemt_kernel(g_ptr, y_ptr, r_ptr, mask_ptr, scale_ptr, inv_scale_ptr, shift_ptr,
+                           coef_xmu_ptr, coef_const_ptr, table_ptr, consts_ptr, grad_x_ptr,
+                           grad_r_ptr, numel, C, stride_c, HAS_RESIDUAL: tl.constexpr,
+                           ACT: tl.constexpr, NEWTON: tl.constexpr, BLOCK: tl.constexpr,
+                           COMPUTE: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = i < numel
+    c = _channel_of(i, C, stride_c)
+    y = tl.load(y_ptr + i, mask=valid, other=0.0).to(COMPUTE)
+    g = tl.load(g_ptr + i, mask=valid, other=0.0).to(COMPUTE)
+    r = 0.0
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + i, mask=valid, other=0.0).to(COMPUTE)
+    dz, xmu = _recover(g, y, r, _left_bits(mask_ptr, i, valid), valid,
+                       tl.load(shift_ptr + c, mask=valid), tl.load(inv_scale_ptr + c, mask=valid),
+                       table_ptr, consts_ptr, HAS_RESIDUAL, ACT, NEWTON)
+    grad_x = dz * tl.load(scale_ptr + c, mask=valid) + xmu * tl.load(coef_xmu_ptr + c, mask=valid)
+    grad_x += tl.load(coef_const_ptr + c, mask=valid)
+    tl.store(grad_x_ptr + i, grad_x.to(grad_x_ptr.dtype.element_ty), mask=valid)
+    if HAS_RESIDUAL:
+        tl.store(grad_r_ptr + i, dz.to(grad_r_ptr.dtype.element_ty), mask=valid)
+
+
+# -- launch helpers --------------------------------------------------------------------------------
+
+
+def _consts(values, like: torch.Tensor) -> torch.Tensor:
+    """Scalars in the compute dtype, as a tensor (a Python float argument would be float32)."""
+    return torch.tensor(list(values), dtype=compute_dtype(like.dtype), device=like.device)
+
+
+def _params(params) -> list[float]:
+    return list(params) + [0.0] * (2 - len(params))
+
+
+def _activation_id(name: str) -> int:
+    return ACTIVATION_IDS[name]
+
+
+def _newton(y: torch.Tensor) -> int:
+    return NEWTON_STEPS[compute_dtype(y.dtype)]
+
+
+def _check_same(y: torch.Tensor, *tensors: torch.Tensor | None) -> None:
+    for t in tensors:
+        if t is not None:
+            torch._check(t.shape == y.shape and t.stride() == y.stride(),
+                         lambda: "grad_out / residual must have y's shape and strides")
+
+
+@triton_op("mishkit::triton_bn_act_output_forward", mutates_args=())
+def forward(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+            residual: torch.Tensor | None, branch: float, name: str,
+            params: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(x, mean, scale, shift)
+    _check_same(x, residual)
+    y = torch.empty_like(x)
+    mask = x.new_empty((x.numel() + 7) // 8, dtype=torch.uint8)
+    if x.numel() == 0:
+        return y, mask
+    channels, _, _, _, stride_c, _ = _geometry(x)
+    grid = (triton.cdiv(mask.numel(), MASK_BYTES),)
+    wrap_triton(_forward_kernel)[grid](
+        x, x if residual is None else residual, mean, scale, shift,
+        _consts([*_params(params), branch], x), y, mask, x.numel(), channels, stride_c,
+        HAS_RESIDUAL=residual is not None, ACT=_activation_id(name), BYTES=MASK_BYTES,
+        COMPUTE=_TL_DTYPES[mean.dtype])
+    return y, mask
+
+
+def _backward_consts(name: str, params, y: torch.Tensor) -> torch.Tensor:
+    floor, log_floor = saturation_floors(name, tuple(params), y.dtype)
+    return _consts([*_params(params), floor, log_floor], y)
+
+
+def _table_or_dummy(table: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return table if table.numel() else y.new_zeros(1, dtype=compute_dtype(y.dtype))
+
+
+@triton_op("mishkit::triton_bn_act_output_backward_reduce", mutates_args=())
+def backward_reduce(grad_out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                    scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None,
+                    table: torch.Tensor, name: str,
+                    params: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(y, scale, shift)
+    _check_same(y, grad_out, residual)
+    sum_dz, sum_dz_xmu = torch.empty_like(scale), torch.empty_like(scale)
+    channels, rows, spatial, stride_n, stride_c, stride_s = _geometry(y)
+    block_r, block_c = _reduction_blocks(stride_c, channels)
+    grid = (triton.cdiv(channels, block_c),)
+    wrap_triton(_backward_reduce_kernel)[grid](
+        grad_out, y, y if residual is None else residual, mask, 1.0 / scale, shift,
+        _table_or_dummy(table, y), _backward_consts(name, params, y), sum_dz, sum_dz_xmu,
+        channels, rows, spatial, stride_n, stride_c, stride_s,
+        HAS_RESIDUAL=residual is not None, ACT=_activation_id(name), NEWTON=_newton(y),
+        BLOCK_R=block_r, BLOCK_C=block_c, COMPUTE=_TL_DTYPES[scale.dtype])
+    return sum_dz, sum_dz_xmu
+
+
+@triton_op("mishkit::triton_bn_act_output_backward_elemt", mutates_args=())
+def backward_elemt(grad_out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                   scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None,
+                   coef_xmu: torch.Tensor, coef_const: torch.Tensor, table: torch.Tensor,
+                   name: str, params: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(y, scale, shift, coef_xmu, coef_const)
+    _check_same(y, grad_out, residual)
+    grad_x = torch.empty_like(y)
+    grad_r = torch.empty_like(y) if residual is not None else y.new_empty(0)
+    if y.numel() == 0:
+        return grad_x, grad_r
+    channels, _, _, _, stride_c, _ = _geometry(y)
+    grid = (triton.cdiv(y.numel(), ELEMENTWISE_BLOCK),)
+    wrap_triton(_backward_elemt_kernel)[grid](
+        grad_out, y, y if residual is None else residual, mask, scale, 1.0 / scale, shift,
+        coef_xmu, coef_const, _table_or_dummy(table, y), _backward_consts(name, params, y),
+        grad_x, grad_x if residual is None else grad_r, y.numel(), channels, stride_c,
+        HAS_RESIDUAL=residual is not None, ACT=_activation_id(name), NEWTON=_newton(y),
+        BLOCK=ELEMENTWISE_BLOCK, COMPUTE=_TL_DTYPES[scale.dtype])
+    return grad_x, grad_r
+
+
+KERNELS = BnActOutputKernels(forward, backward_reduce, backward_elemt)
