@@ -102,11 +102,13 @@ def test_unavailable_contenders_carry_the_backend_reason(tiny_run):
                for r in compile_rows)
 
 
-def test_memory_table_has_the_five_variants_in_order(tiny_run):
+def test_memory_table_has_the_variants_in_order(tiny_run):
+    from mishkit.memory import mish_variants
+
     _, records = tiny_run
     memory = [r for r in records if r["record"] == "memory"]
     assert memory[0]["variant"] == "relu_inplace"
-    assert len(memory) == 5
+    assert [r["variant"] for r in memory] == list(mish_variants())
     ok = {r["variant"]: r for r in memory if r["status"] == "ok"}
     base = ok["relu_inplace"]["saved_bytes"]
     for row in ok.values():
@@ -118,13 +120,16 @@ def test_memory_table_has_the_five_variants_in_order(tiny_run):
 def test_bn_act_rows_compare_against_bn_plus_native(tiny_run):
     _, records = tiny_run
     rows = {r["variant"]: r for r in records if r["record"] == "bn_act"}
-    assert set(rows) == {"bn+native", "bn+mishkit", "BatchNormAct2d"}
+    assert set(rows) == {"bn+native", "bn+mishkit", "BatchNormAct2d",
+                         "BatchNormAct2d(saves=output)"}
     base = rows["bn+native"]
     assert base["status"] == "ok" and base["speedup_vs_bn_native"] == pytest.approx(1.0)
     for row in rows.values():
         if row["status"] == "ok":
             assert row["speedup_vs_bn_native"] == pytest.approx(
                 base["time_ms_median"] / row["time_ms_median"])
+            assert row["time_ratio_vs_saves_input"] == pytest.approx(
+                row["time_ms_median"] / rows["BatchNormAct2d"]["time_ms_median"])
         else:
             assert row["reason"]
 

@@ -230,11 +230,14 @@ def test_inverse_at_special_outputs():
 def test_mask_bits_are_the_left_branch_in_storage_order(backend):
     torch.manual_seed(2)
     kernels = backends.kernels(backend).bn_act_output
-    for shape, channels_last in (((2, 3, 5, 7), False), ((3, 2, 3, 3), True), ((1, 1, 1, 5), False)):
+    cases = (((2, 3, 5, 7), False), ((3, 2, 3, 3), True), ((1, 1, 1, 5), False))
+    for shape, channels_last in cases:
         x = torch.randn(shape) * 3
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
-        mean, scale, shift = torch.randn(shape[1]), torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+        channels = shape[1]
+        mean, scale = torch.randn(channels), torch.rand(channels) + 0.5
+        shift = torch.randn(channels)
         branch = inversion.branch_point("mish", ())
         y, mask = kernels.forward(x, mean, scale, shift, None, branch, "mish", [])
         assert mask.dtype == torch.uint8 and mask.numel() == math.ceil(x.numel() / 8)
@@ -260,7 +263,7 @@ def test_cpu_ops_check_their_arguments():
     ops = torch.ops.mishkit
     x = torch.randn(2, 3, 4, 4)
     vec = torch.ones(3)
-    with pytest.raises(ValueError, match="relu.*cannot be inverted"):
+    with pytest.raises(ValueError, match=r"relu.*cannot be inverted"):
         ops.bn_act_output_forward(x, vec, vec, vec, None, 0.0, "relu", [])
     y, mask = ops.bn_act_output_forward(x, vec, vec, vec, None, -1.19, "mish", [])
     table = inversion.inverse_table("mish", torch.float32, "cpu")
@@ -351,7 +354,7 @@ def test_convert_fuse_bn_output():
     fused = [m for m in model.modules() if isinstance(m, BatchNormAct2d)]
     assert len(fused) == 2 and all(m.saves == "output" for m in fused)
     assert report.counts["fused_bn"] == 2
-    with pytest.raises(ValueError, match="relu.*cannot be inverted.*fuse_bn=True"):
+    with pytest.raises(ValueError, match=r"relu.*cannot be inverted.*fuse_bn=True"):
         convert(nn.Sequential(nn.BatchNorm2d(4), nn.ReLU()), "relu", fuse_bn="output")
     with pytest.raises(ValueError, match="fuse_bn"):
         convert(nn.Sequential(nn.BatchNorm2d(4), nn.ReLU()), "mish", fuse_bn="outputs")
@@ -482,3 +485,100 @@ def test_memory_table_variant_saves_about_one_tensor_per_block():
     # ReLU(inplace) keeps two tensors per block (BN input, ReLU output), saves="output" one
     assert ratio["mishkit_mish_fuse_bn_output"] < 0.6 * ratio["relu_inplace"]
     assert ratio["mishkit_mish_fuse_bn_output"] < 0.6 * ratio["mishkit_mish_fuse_bn"]
+
+
+def _sync_worker(rank: int, port: int, names: list[str], results: dict) -> None:
+    import torch.distributed as dist
+
+    from .test_sync_bn_act import WORLD, _data, _rank_slice
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
+    try:
+        x_full, grad_full, weight, bias = _data()
+        out = {}
+        for backend in names:
+            module = SyncBatchNormAct2d(x_full.shape[1], "gelu", backend=backend, saves="output",
+                                        dtype=torch.float64)
+            with torch.no_grad():
+                module.weight.copy_(weight)
+                module.bias.copy_(bias)
+            x = x_full[_rank_slice(rank)].clone().requires_grad_()
+            y = module(x)
+            y.backward(grad_full[_rank_slice(rank)])
+            out[backend] = (y.detach(), x.grad, module.weight.grad, type(y.grad_fn).__name__)
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_sync_variant_over_two_processes_matches_the_full_batch():
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    from .test_sync_bn_act import WORLD, _data, _free_port, _rank_slice
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    names = [b for b in ("cpu", "torch") if b in BACKENDS]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_sync_worker, args=(_free_port(), names, results), nprocs=WORLD, join=True)
+        results = dict(results)
+    x_full, grad_full, weight, bias = _data()
+    y_ref, (grad_x, grad_w, _) = reference_grads(x_full, weight, bias, grad_full, "gelu", {})
+    for backend in names:
+        partial_grad_w = 0
+        for rank in range(WORLD):
+            y, gx, gw, grad_fn = results[rank][backend]
+            assert "Output" in grad_fn
+            torch.testing.assert_close(y, y_ref[_rank_slice(rank)])
+            torch.testing.assert_close(gx, grad_x[_rank_slice(rank)])
+            partial_grad_w = partial_grad_w + gw
+        torch.testing.assert_close(partial_grad_w, grad_w)
+
+
+class _Bottleneck(nn.Module):
+    """A ResNet block whose shortcut has its own conv + BatchNorm (CSAIL's downsample)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+        self.downsample = nn.Sequential(nn.Conv2d(3, 6, 1, bias=False), nn.BatchNorm2d(6))
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.downsample(x)
+        return self.relu2(out)
+
+
+def test_shortcut_norm_saves_its_output_too():
+    torch.manual_seed(10)
+    block = _Bottleneck().double().train()
+    reference = convert(_Bottleneck().double().train(), "mish")
+    reference.load_state_dict(block.state_dict())
+    block, report = convert(block, "mish", fuse_bn="output", report=True)
+    shortcut = block.downsample[1]
+    assert isinstance(shortcut, BatchNormAct2d) and shortcut.saves == "output"
+    assert (shortcut.activation, shortcut.activation_params) == ("leaky_relu", (1.0,))
+    assert report.counts["fused_bn"] == 2 and report.counts["fused_bn_add"] == 1
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = block(x), reference(x_ref)
+    torch.testing.assert_close(y, y_ref)
+    y.sum().backward()
+    y_ref.sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    for (name, p), p_ref in zip(block.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
+    # x (both convs), y1, the block output, r (shared by the shortcut norm and the block), masks
+    tensor = 2 * 8 * 8 * 8
+    expected = x.nbytes + tensor * 4 + 2 * tensor * 6 + sum(
+        math.ceil(2 * c * 64 / 8) for c in (4, 6, 6))
+    assert saved_bytes(block, x) == expected + 3 * (4 + 6 + 6) * 8  # + 3 (C,) float64 vectors
+    native = convert(block, "native")
+    assert type(native.downsample[1]) is nn.BatchNorm2d

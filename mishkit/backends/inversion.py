@@ -46,7 +46,8 @@ from ..registry import SELU_ALPHA, SELU_SCALE, get_spec
 
 TABLE_INTERVALS = 256  # N: nodes per table = N + 1
 HEADER = 16
-H_Z_STAR, H_Y_STAR, H_INV_K, H_T_R, H_SCALE_R, H_T_L, H_SCALE_L, H_LOG_TL, H_SCALE_F, H_S_F = range(10)
+(H_Z_STAR, H_Y_STAR, H_INV_K, H_T_R, H_SCALE_R, H_T_L, H_SCALE_L, H_LOG_TL, H_SCALE_F,
+ H_S_F) = range(10)
 NEWTON_STEPS = {torch.float64: 2, torch.float32: 0}
 CLOSED_FORM = ("leaky_relu", "elu", "selu", "softplus")
 FLAT_REGIONS = {
@@ -91,7 +92,7 @@ def branch_point(name: str, params: tuple) -> float:
     return _unimodal_shape(name).z_star
 
 
-# -- float64 formulas for building the tables -------------------------------------------------------
+# -- float64 formulas for building the tables ---------------------------------------------------
 # The registry's gelu / gelu_tanh references compute 1 + erf / 1 + tanh, which cancels for z < -6:
 # the tables need the left tail to full relative precision, so those two use the identical
 # functions in their cancellation-free forms (as the compiled kernels do).
@@ -253,7 +254,8 @@ def saturation_floors(name: str, params: tuple, dtype: torch.dtype) -> tuple[flo
         return math.log(eps / 4), log_floor  # expm1(z) rounds to -1 below this
     if name == "softplus":
         beta = params[0]
-        return (math.log(beta * smallest) - math.log(2.0)) / beta, log_floor  # log(beta y) / beta, y -> 0
+        # log(beta y) / beta as y -> 0
+        return (math.log(beta * smallest) - math.log(2.0)) / beta, log_floor
     return -math.inf, log_floor
 
 
@@ -306,7 +308,7 @@ def _closed_form(y, left, name, params, floor):
         (alpha,) = params
         return torch.where(left, torch.log1p((y / alpha).clamp(min=-1)).clamp(min=floor), y)
     if name == "selu":
-        return torch.where(left, torch.log1p((y / (SELU_SCALE * SELU_ALPHA)).clamp(min=-1)).clamp(min=floor),
-                           y / SELU_SCALE)
+        below = torch.log1p((y / (SELU_SCALE * SELU_ALPHA)).clamp(min=-1)).clamp(min=floor)
+        return torch.where(left, below, y / SELU_SCALE)
     beta, _ = params  # softplus: log(expm1(beta y)) / beta below threshold / beta
     return torch.where(left, (torch.log(torch.expm1(beta * y)) / beta).clamp(min=floor), y)

@@ -179,13 +179,16 @@ def _retarget_fused(model, name, bound, backend, scope, result) -> None:
     for path, module in model.named_modules():
         if not isinstance(module, BatchNormAct2d) or not scope(path):
             continue
+        if (module.activation, module.activation_params) == IDENTITY:  # a plain norm
+            continue
         if (module.activation, module.activation_params, module.backend) == (name, bound, backend):
             continue
         old = repr(module)
         module.activation, module.activation_params, module.backend = name, bound, backend
         if module.saves == "output" and (reason := invertibility_error(name, bound)) is not None:
             module.saves = "input"
-            result.skipped.append((path, f"{name} cannot be inverted ({reason}): now saves='input'"))
+            result.skipped.append((path, f"{name} cannot be inverted ({reason}): now "
+                                         "saves='input'"))
         result.replaced.append((path, old, repr(module), "fused_bn"))
 
 
@@ -241,8 +244,40 @@ def _rewrite_graphs(model, replace, name, bound, backend, scope, result, functio
             done, skipped = fx.fuse_bn(module, graph, fuser, _fusable)
             result.skipped += [(_join(path, t), reason) for t, reason in skipped]
             changed = changed or bool(done)
+            if saves == "output":
+                _shortcut_norms_save_output(module, graph, path, backend, scope, result)
         if changed:
             fx.install(module, graph)
+
+
+# leaky_relu(z, 1) == z exactly: a BatchNormAct2d with it is a plain BatchNorm (saving its output)
+IDENTITY = ("leaky_relu", (1.0,))
+
+
+def _shortcut_norms_save_output(module, graph, path, backend, scope, result) -> None:
+    """The plain BatchNorm ending a shortcut (``r = downsample(x)``) of a fused saves="output"
+    block: the block saves ``r``; made to save its output too (an identity BatchNormAct2d), the
+    norm no longer keeps its input, and the two share one tensor."""
+    for node in graph.nodes:
+        residual = node.kwargs.get("residual") if node.op == "call_module" else None
+        if not isinstance(residual, torch.fx.Node) or residual.op != "call_module":
+            continue
+        block = module.get_submodule(node.target)
+        if not (isinstance(block, BatchNormAct2d) and block.saves == "output"):
+            continue
+        target = residual.target
+        shortcut = module.get_submodule(target)
+        if type(shortcut) is nn.Sequential and len(shortcut):  # conv -> norm
+            target = f"{target}.{len(shortcut) - 1}"
+        norm = module.get_submodule(target)
+        calls = sum(n.op == "call_module" and n.target == residual.target for n in graph.nodes)
+        where = _join(path, target)
+        if not _fusable(norm) or calls != 1 or len(residual.users) != 1 or _has_hooks(norm) \
+                or not scope(where):
+            continue
+        fused = _fused(norm, *IDENTITY, backend, "output", where, result)
+        module.set_submodule(target, fused)
+        result.replaced.append((where, type(norm).__name__, repr(fused), "fused_bn"))
 
 
 def _join(path: str, name: str) -> str:
@@ -380,6 +415,10 @@ def _unfuse(model, scope, result) -> None:
             result.skipped.append((path, str(exc)))
             continue
         bn, name, params = child.to_batchnorm()
+        if (name, params) == IDENTITY:  # a shortcut norm saving its output: a plain norm again
+            setattr(parent, slot, bn)
+            result.replaced.append((path, type(child).__name__, type(bn).__name__, "fused_bn"))
+            continue
         keys = list(parent._modules)
         after = keys[keys.index(slot) + 1] if slot != keys[-1] else None
         if isinstance(parent, nn.Sequential) and type(parent._modules.get(after)) is nn.Identity:

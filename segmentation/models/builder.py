@@ -128,10 +128,10 @@ def build_model(
 
     ``activation`` other than "relu" (the reference: ReLU, and ReLU6 inside MobileNetV2), or
     ``fuse_bn``, goes through ``mishkit.convert`` on ``scope`` ("all", "encoder" or
-    "decoder"); its report is kept as ``model.conversion_report``. ``fuse_bn="output"`` fuses
-    BatchNorm + activation saving only the output (``BatchNormAct2d(saves="output")``). ``sync_bn`` turns every
+    "decoder"); its report is kept as ``model.conversion_report``. ``sync_bn`` turns every
     BatchNorm into SyncBatchNorm first. Weights (path, URL, state dict; "imagenet" for the
     encoder) are loaded last and strictly, so they prove the converted model keeps the keys.
+    ``fuse_bn="output"`` fuses saving only the outputs (``BatchNormAct2d(saves="output")``).
     """
     enc = lookup(ENCODERS, encoder, "encoder")()
     lookup(DECODERS, decoder, "decoder")

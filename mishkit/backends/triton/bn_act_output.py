@@ -23,8 +23,18 @@ from ..inversion import HEADER, NEWTON_STEPS, TABLE_INTERVALS, saturation_floors
 from . import interpret_mode
 from .bn_act import _TL_DTYPES, ELEMENTWISE_BLOCK, _channel_of, _check, _geometry, _reduction_blocks
 from .bn_act import _tile as _load_tile
-from .math import ACTIVATION_IDS, ELU, LEAKY_RELU, SELU, SELU_ALPHA, SELU_SCALE, SOFTPLUS
-from .math import _expm1, derivative_math, forward_math
+from .math import (
+    ACTIVATION_IDS,
+    ELU,
+    LEAKY_RELU,
+    SELU,
+    SELU_ALPHA,
+    SELU_SCALE,
+    SOFTPLUS,
+    _expm1,
+    derivative_math,
+    forward_math,
+)
 
 _N = tl.constexpr(TABLE_INTERVALS)
 _NODES = tl.constexpr(TABLE_INTERVALS + 1)
