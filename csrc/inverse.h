@@ -58,6 +58,7 @@ struct Ext;
     static HOST_DEVICE T gather(const T* base, T index) {                                  \
       return base[static_cast<int64_t>(index)];                                            \
     }                                                                                      \
+    static HOST_DEVICE bool any(bool mask) { return mask; }                                \
   };
 MISHKIT_SCALAR_EXT(float, f)
 MISHKIT_SCALAR_EXT(double, )
@@ -134,9 +135,13 @@ struct Inverse {
   static HOST_DEVICE V invert(V y, typename M::Mask left, const Context<V, T>& c) {
     using E = Ext<M>;
     const V t = E::sqrt(max_of<M>(y - c.y_star, V(0)));  // y below y* (rounding): the minimum
-    const V log_neg = max_of<M>(E::log(M::neg(y)), c.log_floor);  // y >= 0 or NaN: the floor
-    const V s = E::sqrt(max_of<M>(c.log_tail - log_neg, V(0)));
     const typename M::Mask near = M::le(t, c.t_left);
+    // the left tail's variable; its log is skipped where no element is in the tail (most often)
+    V s(0);
+    if (E::any(M::gt(M::select(left, M::select(near, V(0), V(1)), V(0)), V(0.5)))) {
+      const V log_neg = max_of<M>(E::log(M::neg(y)), c.log_floor);  // y >= 0 or NaN: the floor
+      s = E::sqrt(max_of<M>(c.log_tail - log_neg, V(0)));
+    }
     V q = M::select(left, M::select(near, t * c.scale_left, s * c.scale_tail), t * c.scale_right);
     const V base = M::select(left, M::select(near, V(kNodes), V(2 * kNodes)), V(0));
     q = max_of<M>(min_of<M>(q, V(kIntervals)), V(0));  // NaN -> kIntervals: in bounds

@@ -37,6 +37,15 @@ using at::vec::Vectorized;
 
 constexpr int64_t kChunk = 4096;  // elements per task; a multiple of 8 and of every vector width
 
+// The per-vector bodies call several large inline formulas (inverse, activation, exp); GCC's
+// inliner leaves them out of line, and each call spills every vector register. flatten compiles
+// each body as one function with all of them inlined.
+#if defined(__GNUC__)
+#define MISHKIT_FLAT __attribute__((flatten)) inline
+#else
+#define MISHKIT_FLAT inline
+#endif
+
 struct Geometry {
   int64_t c, s, numel;
   bool channels_last;
@@ -107,13 +116,25 @@ inline Vectorized<acc_t> channel_vec(const acc_t* values, int64_t c, PerElement)
 
 inline bool mask_bit(const uint8_t* mask, int64_t i) { return (mask[i >> 3] >> (i & 7)) & 1; }
 
-// Lanes i .. i + W - 1 of the mask as a vector mask (all bits set where the bit is 1).
+// 1 << k in lane k (at most 16 lanes: float32 in AVX-512), as integers or floats.
+template <class T>
+alignas(64) inline constexpr T kLaneBits[16] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024,
+                                                2048, 4096, 8192, 16384, 32768};
+
+// Lanes i .. i + W - 1 of the mask as the math policy's mask (true where the bit is 1): the
+// W <= 16 bits from i on, broadcast, and-ed with each lane's own bit.
 template <class acc_t>
-inline Vectorized<acc_t> mask_lanes(const uint8_t* mask, int64_t i) {
-  constexpr int W = Vectorized<acc_t>::size();
-  alignas(64) acc_t lanes[W];
-  for (int k = 0; k < W; ++k) lanes[k] = mask_bit(mask, i + k) ? acc_t(1) : acc_t(0);
-  return Vectorized<acc_t>::loadu(lanes) == Vectorized<acc_t>(acc_t(1));
+inline typename act::VecMath<acc_t>::Mask mask_lanes(const uint8_t* mask, int64_t i) {
+  using V = Vectorized<acc_t>;
+  using I = at::vec::int_same_size_t<acc_t>;
+  constexpr int W = V::size();
+  static_assert(W <= 16, "three mask bytes cover a vector");
+  const int64_t first = i >> 3, last = (i + W - 1) >> 3;  // in the buffer: i + W <= numel
+  uint32_t word = 0;
+  for (int64_t b = last; b >= first; --b) word = (word << 8) | mask[b];
+  const I bits = static_cast<I>(word >> (i & 7));
+  const auto on = Vectorized<I>(bits) & Vectorized<I>::loadu(kLaneBits<I>);
+  return act::VecMath<acc_t>::gt(at::vec::convert_to_fp_of_same_size<acc_t>(on), V(acc_t(0)));
 }
 
 template <class acc_t>
@@ -133,6 +154,32 @@ inline const acc_t* ptr_or_null(const at::Tensor* t) {
 
 // -- forward --------------------------------------------------------------------------------------
 
+// The branch bits of a vector, lane k at bit k: lane k adds 2^k where z < split (a sum of
+// distinct powers of two, exact in floating point; float's horizontal sum is a SIMD shuffle).
+template <class acc_t>
+inline uint32_t branch_bits(const Vectorized<acc_t>& z, acc_t split) {
+  using V = Vectorized<acc_t>;
+  const V weights = V::loadu(kLaneBits<acc_t>);
+  return static_cast<uint32_t>(at::vec::vec_reduce_all(
+      std::plus<V>(), V::blendv(V(acc_t(0)), weights, z < V(split))));
+}
+
+// y = act(z) for W elements from i; returns their branch bits.
+template <class Op, class scalar_t, class PerElement>
+MISHKIT_FLAT uint32_t forward_vec(const scalar_t* xp, const scalar_t* rp, scalar_t* yp,
+                                  const Channels<at::opmath_type<scalar_t>>& ch,
+                                  const act::Params<Vectorized<at::opmath_type<scalar_t>>>& pv,
+                                  at::opmath_type<scalar_t> split, int64_t i, int64_t c,
+                                  PerElement pe) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vectorized<acc_t>;
+  V z = (load<acc_t>(xp + i) - channel_vec(ch.mean, c, pe)) * channel_vec(ch.scale, c, pe) +
+        channel_vec(ch.shift, c, pe);
+  if (rp) z = z + load<acc_t>(rp + i);
+  store<acc_t>(yp + i, Op::template forward<act::VecMath<acc_t>>(z, pv));
+  return branch_bits(z, split);
+}
+
 template <class Op, class scalar_t>
 void forward_loop(const at::Tensor& x, const Channels<at::opmath_type<scalar_t>>& ch,
                   const at::Tensor* residual, double branch, at::Tensor& y, at::Tensor& mask,
@@ -140,7 +187,6 @@ void forward_loop(const at::Tensor& x, const Channels<at::opmath_type<scalar_t>>
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vectorized<acc_t>;
   using SM = act::ScalarMath<acc_t>;
-  using VM = act::VecMath<acc_t>;
   constexpr int64_t W = V::size();
   const act::Params<acc_t> ps{static_cast<acc_t>(params[0]), static_cast<acc_t>(params[1])};
   const act::Params<V> pv{V(ps.p0), V(ps.p1)};
@@ -151,28 +197,26 @@ void forward_loop(const at::Tensor& x, const Channels<at::opmath_type<scalar_t>>
   uint8_t* mp = mask.data_ptr<uint8_t>();
   const Geometry g = geometry_of(x);
   for_each_chunk(g.numel, [&](int64_t begin, int64_t end) {
-    uint8_t bytes[kChunk / 8] = {};
-    const auto mark = [&](int64_t i, acc_t z) {
-      if (z < split) bytes[(i - begin) >> 3] |= static_cast<uint8_t>(1u << (i & 7));
+    uint8_t bytes[kChunk / 8 + 2] = {};  // + 2: a vector's bits may spill into 2 more bytes
+    const auto mark = [&](int64_t i, uint32_t bits) {  // bits of elements i, i + 1, ...
+      const uint32_t shifted = bits << (i & 7);
+      uint8_t* at = bytes + ((i - begin) >> 3);
+      at[0] |= static_cast<uint8_t>(shifted);
+      at[1] |= static_cast<uint8_t>(shifted >> 8);
+      at[2] |= static_cast<uint8_t>(shifted >> 16);
     };
     for_each_run(g, begin, end, [&](int64_t i0, int64_t i1, int64_t c0, auto pe) {
       int64_t i = i0;
       for (; i + W <= i1; i += W) {
         const int64_t c = pe ? c0 + (i - i0) : c0;
-        V z = (load<acc_t>(xp + i) - channel_vec(ch.mean, c, pe)) * channel_vec(ch.scale, c, pe) +
-              channel_vec(ch.shift, c, pe);
-        if (rp) z = z + load<acc_t>(rp + i);
-        store<acc_t>(yp + i, Op::template forward<VM>(z, pv));
-        alignas(64) acc_t zs[W];
-        z.store(zs);
-        for (int64_t k = 0; k < W; ++k) mark(i + k, zs[k]);
+        mark(i, forward_vec<Op, scalar_t>(xp, rp, yp, ch, pv, split, i, c, pe));
       }
       for (; i < i1; ++i) {
         const int64_t c = pe ? c0 + (i - i0) : c0;
         acc_t z = (static_cast<acc_t>(xp[i]) - ch.mean[c]) * ch.scale[c] + ch.shift[c];
         if (rp) z += static_cast<acc_t>(rp[i]);
         yp[i] = static_cast<scalar_t>(Op::template forward<SM>(z, ps));
-        mark(i, z);
+        mark(i, z < split ? 1u : 0u);
       }
     });
     std::memcpy(mp + begin / 8, bytes, static_cast<size_t>((end - begin + 7) / 8));
@@ -197,7 +241,7 @@ struct Recovery {
   inv::Context<V, acc_t> cv;
 
   template <class PerElement>
-  void vec(int64_t i, int64_t c, PerElement pe, V& dz, V& xmu) const {
+  MISHKIT_FLAT void vec(int64_t i, int64_t c, PerElement pe, V& dz, V& xmu) const {
     const V y = load<acc_t>(yp + i);
     const V z = inv::Inverse<Op>::template invert<VM>(y, mask_lanes<acc_t>(mp, i), cv);
     V u = z - channel_vec(ch.shift, c, pe);
@@ -206,7 +250,7 @@ struct Recovery {
     dz = load<acc_t>(gp + i) * Op::template derivative<VM>(z, cv.p);
   }
 
-  void scalar(int64_t i, int64_t c, acc_t& dz, acc_t& xmu) const {
+  MISHKIT_FLAT void scalar(int64_t i, int64_t c, acc_t& dz, acc_t& xmu) const {
     const acc_t y = static_cast<acc_t>(yp[i]);
     const acc_t z = inv::Inverse<Op>::template invert<SM>(y, mask_bit(mp, i), cs);
     acc_t u = z - ch.shift[c];
@@ -397,6 +441,7 @@ inline void backward_elemt(const at::Tensor& grad_out, const at::Tensor& y,
 }
 
 #undef MISHKIT_BN_OUTPUT_DISPATCH
+#undef MISHKIT_FLAT
 
 }  // namespace bn_act_output
 

@@ -4,6 +4,8 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <type_traits>
+
 #include "cpu/vec_math.h"
 #include "inverse.h"
 
@@ -19,6 +21,15 @@ struct Ext<act::VecMath<T>> {
   // base[index] per lane; index holds whole numbers in range (hermite() clamps them)
   static V gather(const T* base, const V& index) {
     return at::vec::gather<sizeof(T)>(base, at::vec::convert_to_int_of_same_size(index));
+  }
+  // whether any lane of a policy mask is set (masks are all-bits vectors or AVX-512 k-masks)
+  template <class Mask>
+  static bool any(const Mask& mask) {
+    if constexpr (std::is_same_v<Mask, V>) {
+      return mask.zero_mask() != (1 << V::size()) - 1;
+    } else {
+      return mask != 0;
+    }
   }
 };
 
