@@ -150,6 +150,31 @@ void check_inverse_table(const char* op, const at::Tensor& table, const at::Tens
   }
 }
 
+const at::Tensor* check_recovered(const char* op, const at::Tensor& z, const at::Tensor& y) {
+  if (!z.defined() || z.numel() == 0) return nullptr;
+  TORCH_CHECK_VALUE(z.sizes() == y.sizes() && z.strides() == y.strides(), op,
+                    ": z must have the shape and strides of y (", y.sizes(), ", ", y.strides(),
+                    "), got ", z.sizes(), ", ", z.strides());
+  TORCH_CHECK_TYPE(z.scalar_type() == compute_type(y), op, ": z must be ", compute_type(y),
+                   " for ", y.scalar_type(), " outputs, got ", z.scalar_type());
+  TORCH_CHECK(z.device() == y.device(), op, ": z on ", z.device(), " but y on ", y.device());
+  return &z;
+}
+
+ActCall check_output_backward_args(const char* op, const at::Tensor& grad_out,
+                                   const at::Tensor& y, const at::Tensor& mask,
+                                   const at::Tensor& scale, const at::Tensor& shift,
+                                   const at::Tensor& table, c10::string_view name,
+                                   c10::ArrayRef<double> params) {
+  check_bn_input(op, y);
+  check_bn_grad(op, grad_out, y);
+  check_channel_vectors(op, y, {&scale, &shift});
+  const ActCall call = check_output_activation(op, y, name, params);
+  check_branch_mask(op, mask, y);
+  check_inverse_table(op, table, y, call);
+  return call;
+}
+
 InverseFloors inverse_floors(const ActCall& call, at::ScalarType storage) {
   double eps = 0, smallest = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, storage, "inverse_floors", [&] {

@@ -94,6 +94,18 @@ const at::Tensor* check_bn_residual(const char* op, const std::optional<at::Tens
 void check_inverse_table(const char* op, const at::Tensor& table, const at::Tensor& y,
                          const ActCall& call);
 
+// z (the reduce pass's recovered pre-activation), if not empty: y's shape and strides in y's
+// compute dtype, on y's device. Returns it or nullptr.
+const at::Tensor* check_recovered(const char* op, const at::Tensor& z, const at::Tensor& y);
+
+// The checks both backward ops share: y a dense BN input, grad_out like y, (C,) scale and shift,
+// an invertible activation, the mask and the table. Returns the activation call.
+ActCall check_output_backward_args(const char* op, const at::Tensor& grad_out,
+                                   const at::Tensor& y, const at::Tensor& mask,
+                                   const at::Tensor& scale, const at::Tensor& shift,
+                                   const at::Tensor& table, c10::string_view name,
+                                   c10::ArrayRef<double> params);
+
 // The inverse's floors for outputs stored in `storage` (see cpu/bn_act_output_kernels.h).
 struct InverseFloors {
   double floor;

@@ -195,7 +195,14 @@ struct Inverse<act::LeakyRelu> : ClosedForm {
   }
 };
 
-// alpha expm1(z) below 0; expm1(z) rounds to -1 below c.floor, which is where z stops.
+// z = log1p(u) for u = y / (alpha [scale]) on the branch below 0: expm1(z) rounds to -1 below
+// c.floor, which is where z stops; NaN stays NaN.
+template <class M, class V = typename M::V, class T>
+HOST_DEVICE V expm1_branch(V y, V u, const Context<V, T>& c) {
+  const V below = max_of<M>(M::log1p(max_of<M>(u, V(-1))), c.floor);
+  return M::select(M::eq(y, y), below, y);
+}
+
 template <>
 struct Inverse<act::Elu> : ClosedForm {
   static HOST_DEVICE const char* reason(double alpha, double) {
@@ -203,8 +210,7 @@ struct Inverse<act::Elu> : ClosedForm {
   }
   template <class M, class V = typename M::V, class T>
   static HOST_DEVICE V invert(V y, typename M::Mask left, const Context<V, T>& c) {
-    const V below = max_of<M>(M::log1p(max_of<M>(y / c.p.p0, V(-1))), c.floor);
-    return M::select(left, M::select(M::eq(y, y), below, y), y);
+    return M::select(left, expm1_branch<M>(y, y / c.p.p0, c), y);
   }
 };
 
@@ -214,8 +220,7 @@ struct Inverse<act::Selu> : ClosedForm {
   template <class M, class V = typename M::V, class T>
   static HOST_DEVICE V invert(V y, typename M::Mask left, const Context<V, T>& c) {
     const V u = y / V(act::kSeluScale * act::kSeluAlpha);
-    const V below = max_of<M>(M::log1p(max_of<M>(u, V(-1))), c.floor);
-    return M::select(left, M::select(M::eq(y, y), below, y), y / V(act::kSeluScale));
+    return M::select(left, expm1_branch<M>(y, u, c), y / V(act::kSeluScale));
   }
 };
 

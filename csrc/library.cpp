@@ -39,12 +39,14 @@ TORCH_LIBRARY(mishkit, m) {
   // y and the bit-packed branch mask; backward recovers z from them with the inverse table
   m.def("bn_act_output_forward(Tensor x, Tensor mean, Tensor scale, Tensor shift, "
         "Tensor? residual, float branch, str name, float[] params) -> (Tensor, Tensor)");
+  // (sum_dz, sum_dz_xmu, z): z is the recovered pre-activation kept for backward_elemt, or an
+  // empty tensor where the backend recomputes it there (cheaper than memory traffic on GPUs)
   m.def("bn_act_output_backward_reduce(Tensor grad_out, Tensor y, Tensor mask, Tensor scale, "
         "Tensor shift, Tensor? residual, Tensor table, str name, float[] params) "
-        "-> (Tensor, Tensor)");
-  m.def("bn_act_output_backward_elemt(Tensor grad_out, Tensor y, Tensor mask, Tensor scale, "
-        "Tensor shift, Tensor? residual, Tensor coef_xmu, Tensor coef_const, Tensor table, "
-        "str name, float[] params) -> (Tensor, Tensor)");
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("bn_act_output_backward_elemt(Tensor grad_out, Tensor y, Tensor mask, Tensor z, "
+        "Tensor scale, Tensor shift, Tensor? residual, Tensor coef_xmu, Tensor coef_const, "
+        "Tensor table, str name, float[] params) -> (Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

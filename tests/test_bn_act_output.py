@@ -414,9 +414,11 @@ def test_cpu_instruction_sets_agree_with_the_torch_kernels(capability, dtype, ch
 
     def run(kernels):
         y, mask = kernels.forward(x, mean, scale, shift, residual, branch, "silu", [])
-        sums = kernels.backward_reduce(grad, y, mask, scale, shift, residual, table, "silu", [])
-        elemt = kernels.backward_elemt(grad, y, mask, scale, shift, residual, scale, shift,
-                                       table, "silu", [])
+        *sums, z = kernels.backward_reduce(grad, y, mask, scale, shift, residual, table, "silu",
+                                           [])
+        elemt = [kernels.backward_elemt(grad, y, mask, recovered, scale, shift, residual, scale,
+                                        shift, table, "silu", [])
+                 for recovered in (z, z.new_empty(0))]  # the reduce pass's z, or recovered again
         return y, mask, sums, elemt
 
     try:
@@ -442,11 +444,17 @@ def test_cpu_ops_pass_opcheck_and_have_fakes():
     table = inversion.inverse_table("mish", torch.float32, "cpu")
     ops = torch.ops.mishkit
     y, mask = ops.bn_act_output_forward(x, vec, vec, vec, x, -1.19, "mish", [])
+    *_, z = ops.bn_act_output_backward_reduce(x, y, mask, vec, vec, x, table, "mish", [])
+    assert z.shape == y.shape and z.dtype == torch.float32  # kept for backward_elemt
     torch.library.opcheck(ops.bn_act_output_forward, (x, vec, vec, vec, None, -1.19, "mish", []))
     torch.library.opcheck(ops.bn_act_output_backward_reduce,
                           (x, y, mask, vec, vec, x, table, "mish", []))
-    torch.library.opcheck(ops.bn_act_output_backward_elemt,
-                          (x, y, mask, vec, vec, None, vec, vec, table, "mish", []))
+    for recovered in (z, z.new_empty(0)):
+        torch.library.opcheck(ops.bn_act_output_backward_elemt,
+                              (x, y, mask, recovered, vec, vec, None, vec, vec, table, "mish", []))
+    with pytest.raises(TypeError, match="z must be"):
+        ops.bn_act_output_backward_elemt(x, y, mask, z.double(), vec, vec, None, vec, vec, table,
+                                         "mish", [])
 
 
 @backend_param
@@ -582,3 +590,21 @@ def test_shortcut_norm_saves_its_output_too():
     assert saved_bytes(block, x) == expected + 3 * (4 + 6 + 6) * 8  # + 3 (C,) float64 vectors
     native = convert(block, "native")
     assert type(native.downsample[1]) is nn.BatchNorm2d
+
+
+@backend_param
+def test_elemt_takes_the_reduce_passs_z_or_recovers_it(backend):
+    """backward_elemt with a given z (the CPU / torch reduce passes keep it) equals recovering z."""
+    torch.manual_seed(11)
+    kernels = backends.kernels(backend).bn_act_output
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64) * 2
+    grad, residual = torch.randn_like(x), torch.randn_like(x)
+    mean, shift = torch.randn(2, 3, dtype=torch.float64)
+    scale = torch.rand(3, dtype=torch.float64) + 0.5
+    table = inversion.inverse_table("gelu", torch.float64, "cpu")
+    y, mask = kernels.forward(x, mean, scale, shift, residual, inversion.branch_point("gelu", ()),
+                              "gelu", [])
+    z = (x - mean[:, None, None]) * scale[:, None, None] + shift[:, None, None] + residual
+    got = [kernels.backward_elemt(grad, y, mask, given, scale, shift, residual, scale, shift,
+                                  table, "gelu", []) for given in (z, z.new_empty(0))]
+    torch.testing.assert_close(got[0], got[1], rtol=1e-9, atol=1e-9)

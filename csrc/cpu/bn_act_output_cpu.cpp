@@ -52,51 +52,44 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Te
   return {y, mask};
 }
 
-// The checks both backward ops share; returns the activation call.
-ActCall check_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& y,
-                       const at::Tensor& mask, const at::Tensor& scale, const at::Tensor& shift,
-                       const at::Tensor& table, c10::string_view name,
-                       c10::ArrayRef<double> params) {
-  check_bn_input(op, y);
-  check_bn_grad(op, grad_out, y);
-  check_channel_vectors(op, y, {&scale, &shift});
-  const ActCall call = check_output_activation(op, y, name, params);
-  check_branch_mask(op, mask, y);
-  check_inverse_table(op, table, y, call);
-  return call;
-}
-
-std::tuple<at::Tensor, at::Tensor> backward_reduce_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_reduce_cpu(
     const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& mask,
     const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& residual,
     const at::Tensor& table, c10::string_view name, c10::ArrayRef<double> params) {
   constexpr const char* op = "mishkit::bn_act_output_backward_reduce";
-  const ActCall call = check_backward(op, grad_out, y, mask, scale, shift, table, name, params);
+  const ActCall call =
+      check_output_backward_args(op, grad_out, y, mask, scale, shift, table, name, params);
   const at::Tensor* r = check_bn_residual(op, residual, y);
   const InverseFloors floors = inverse_floors(call, y.scalar_type());
   const cpu::InverseCall inverse{call.id, call.params.data(), floors.floor, floors.log_floor};
   at::Tensor sum_dz = channel_vector(y), sum_dz_xmu = channel_vector(y);
+  // the recovered z, kept for the elementwise pass: on a CPU one inversion costs more than
+  // writing and reading it back
+  at::Tensor z = at::empty_like(y, y.options().dtype(compute_type(y)));
   cpu::bn_act_output_kernels().backward_reduce(grad_out, y, mask, scale, at::reciprocal(scale),
-                                               shift, r, table, inverse, sum_dz, sum_dz_xmu);
-  return {sum_dz, sum_dz_xmu};
+                                               shift, r, table, inverse, sum_dz, sum_dz_xmu, &z);
+  return {sum_dz, sum_dz_xmu, z};
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_elemt_cpu(
-    const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& mask,
+    const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& mask, const at::Tensor& z,
     const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& residual,
     const at::Tensor& coef_xmu, const at::Tensor& coef_const, const at::Tensor& table,
     c10::string_view name, c10::ArrayRef<double> params) {
   constexpr const char* op = "mishkit::bn_act_output_backward_elemt";
-  const ActCall call = check_backward(op, grad_out, y, mask, scale, shift, table, name, params);
+  const ActCall call =
+      check_output_backward_args(op, grad_out, y, mask, scale, shift, table, name, params);
   check_channel_vectors(op, y, {&coef_xmu, &coef_const});
   const at::Tensor* r = check_bn_residual(op, residual, y);
+  const at::Tensor* recovered = check_recovered(op, z, y);
   const InverseFloors floors = inverse_floors(call, y.scalar_type());
   const cpu::InverseCall inverse{call.id, call.params.data(), floors.floor, floors.log_floor};
   at::Tensor grad_x = at::empty_like(y);
   at::Tensor grad_residual = r ? at::empty_like(y) : at::empty({0}, y.options());
-  cpu::bn_act_output_kernels().backward_elemt(grad_out, y, mask, scale, at::reciprocal(scale),
-                                              shift, r, coef_xmu, coef_const, table, inverse,
-                                              grad_x, r ? &grad_residual : nullptr);
+  cpu::bn_act_output_kernels().backward_elemt(grad_out, y, mask, recovered, scale,
+                                              at::reciprocal(scale), shift, r, coef_xmu,
+                                              coef_const, table, inverse, grad_x,
+                                              r ? &grad_residual : nullptr);
   return {grad_x, grad_residual};
 }
 

@@ -29,21 +29,23 @@ struct BnActOutputKernelTable {
   void (*forward)(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
                   const at::Tensor& shift, const at::Tensor* residual, double branch,
                   at::Tensor& y, at::Tensor& mask, act::ActId id, const double* params);
-  // z recovered from (y, mask); dz = grad_out * act'(z), xmu = (z - shift (- residual)) * inv_scale
-  // (inv_scale = 1 / scale):
+  // z recovered from (y, mask), and kept in `z` (compute dtype, y's layout) if given;
+  // dz = grad_out * act'(z), xmu = (z - shift (- residual)) * inv_scale (inv_scale = 1 / scale):
   // sum_dz = sum(dz), sum_dz_xmu = sum(dz * xmu)
   void (*backward_reduce)(const at::Tensor& grad_out, const at::Tensor& y,
                           const at::Tensor& mask, const at::Tensor& scale,
                           const at::Tensor& inv_scale, const at::Tensor& shift,
                           const at::Tensor* residual, const at::Tensor& table,
-                          const InverseCall& call, at::Tensor& sum_dz, at::Tensor& sum_dz_xmu);
-  // grad_x = dz * scale + xmu * coef_xmu + coef_const; grad_residual (if given) = dz
+                          const InverseCall& call, at::Tensor& sum_dz, at::Tensor& sum_dz_xmu,
+                          at::Tensor* z);
+  // grad_x = dz * scale + xmu * coef_xmu + coef_const; grad_residual (if given) = dz; z from the
+  // reduce pass's `z` if given, else recovered again
   void (*backward_elemt)(const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& mask,
-                         const at::Tensor& scale, const at::Tensor& inv_scale,
-                         const at::Tensor& shift, const at::Tensor* residual,
-                         const at::Tensor& coef_xmu, const at::Tensor& coef_const,
-                         const at::Tensor& table, const InverseCall& call, at::Tensor& grad_x,
-                         at::Tensor* grad_residual);
+                         const at::Tensor* z, const at::Tensor& scale,
+                         const at::Tensor& inv_scale, const at::Tensor& shift,
+                         const at::Tensor* residual, const at::Tensor& coef_xmu,
+                         const at::Tensor& coef_const, const at::Tensor& table,
+                         const InverseCall& call, at::Tensor& grad_x, at::Tensor* grad_residual);
 };
 
 namespace DEFAULT {

@@ -225,7 +225,8 @@ void forward_loop(const at::Tensor& x, const Channels<at::opmath_type<scalar_t>>
 
 // -- backward -------------------------------------------------------------------------------------
 
-// What the backward loops need per element: recovered z, then dz and x - mean.
+// What the backward loops need per element: recovered z, then dz and x - mean. z comes from the
+// reduce pass's cache when there is one (zin), else from y and its bit (and then goes to zout).
 template <class Op, class scalar_t>
 struct Recovery {
   using acc_t = at::opmath_type<scalar_t>;
@@ -236,14 +237,21 @@ struct Recovery {
   const scalar_t* yp;
   const scalar_t* rp;
   const uint8_t* mp;
+  const acc_t* zin;
+  acc_t* zout;
   Channels<acc_t> ch;
   inv::Context<acc_t, acc_t> cs;
   inv::Context<V, acc_t> cv;
 
   template <class PerElement>
   MISHKIT_FLAT void vec(int64_t i, int64_t c, PerElement pe, V& dz, V& xmu) const {
-    const V y = load<acc_t>(yp + i);
-    const V z = inv::Inverse<Op>::template invert<VM>(y, mask_lanes<acc_t>(mp, i), cv);
+    V z;
+    if (zin) {
+      z = V::loadu(zin + i);
+    } else {
+      z = inv::Inverse<Op>::template invert<VM>(load<acc_t>(yp + i), mask_lanes<acc_t>(mp, i), cv);
+      if (zout) z.store(zout + i);
+    }
     V u = z - channel_vec(ch.shift, c, pe);
     if (rp) u = u - load<acc_t>(rp + i);
     xmu = u * channel_vec(ch.inv_scale, c, pe);
@@ -251,8 +259,13 @@ struct Recovery {
   }
 
   MISHKIT_FLAT void scalar(int64_t i, int64_t c, acc_t& dz, acc_t& xmu) const {
-    const acc_t y = static_cast<acc_t>(yp[i]);
-    const acc_t z = inv::Inverse<Op>::template invert<SM>(y, mask_bit(mp, i), cs);
+    acc_t z;
+    if (zin) {
+      z = zin[i];
+    } else {
+      z = inv::Inverse<Op>::template invert<SM>(static_cast<acc_t>(yp[i]), mask_bit(mp, i), cs);
+      if (zout) zout[i] = z;
+    }
     acc_t u = z - ch.shift[c];
     if (rp) u -= static_cast<acc_t>(rp[i]);
     xmu = u * ch.inv_scale[c];
@@ -263,6 +276,7 @@ struct Recovery {
 template <class Op, class scalar_t>
 Recovery<Op, scalar_t> recovery_of(const at::Tensor& grad_out, const at::Tensor& y,
                                    const at::Tensor& mask, const at::Tensor* residual,
+                                   const at::Tensor* z_in, at::Tensor* z_out,
                                    const Channels<at::opmath_type<scalar_t>>& ch,
                                    const at::Tensor& table, const InverseCall& call) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -275,6 +289,8 @@ Recovery<Op, scalar_t> recovery_of(const at::Tensor& grad_out, const at::Tensor&
           y.const_data_ptr<scalar_t>(),
           residual ? residual->const_data_ptr<scalar_t>() : nullptr,
           mask.const_data_ptr<uint8_t>(),
+          z_in ? z_in->const_data_ptr<acc_t>() : nullptr,
+          z_out ? z_out->data_ptr<acc_t>() : nullptr,
           ch,
           inv::make_context<acc_t, acc_t>(ps, tp, floor, log_floor),
           inv::make_context<Vectorized<acc_t>, acc_t>(ps, tp, floor, log_floor)};
@@ -407,21 +423,23 @@ inline void backward_reduce(const at::Tensor& grad_out, const at::Tensor& y,
                             const at::Tensor& mask, const at::Tensor& scale,
                             const at::Tensor& inv_scale, const at::Tensor& shift,
                             const at::Tensor* residual, const at::Tensor& table,
-                            const InverseCall& call, at::Tensor& sum_dz, at::Tensor& sum_dz_xmu) {
+                            const InverseCall& call, at::Tensor& sum_dz, at::Tensor& sum_dz_xmu,
+                            at::Tensor* z) {
   MISHKIT_BN_OUTPUT_DISPATCH(y, "mishkit_bn_act_output_backward_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Channels<acc_t> ch{nullptr, scale.data_ptr<acc_t>(), shift.data_ptr<acc_t>(),
                              inv_scale.data_ptr<acc_t>(), nullptr, nullptr};
     visit_invertible(call.id, [&](auto op) {
       using Op = decltype(op);
-      const auto r = recovery_of<Op, scalar_t>(grad_out, y, mask, residual, ch, table, call);
+      const auto r =
+          recovery_of<Op, scalar_t>(grad_out, y, mask, residual, nullptr, z, ch, table, call);
       backward_reduce_loop<Op, scalar_t>(r, geometry_of(y), sum_dz, sum_dz_xmu);
     });
   });
 }
 
 inline void backward_elemt(const at::Tensor& grad_out, const at::Tensor& y,
-                           const at::Tensor& mask, const at::Tensor& scale,
+                           const at::Tensor& mask, const at::Tensor* z, const at::Tensor& scale,
                            const at::Tensor& inv_scale, const at::Tensor& shift,
                            const at::Tensor* residual, const at::Tensor& coef_xmu,
                            const at::Tensor& coef_const, const at::Tensor& table,
@@ -434,7 +452,8 @@ inline void backward_elemt(const at::Tensor& grad_out, const at::Tensor& y,
                              coef_const.data_ptr<acc_t>()};
     visit_invertible(call.id, [&](auto op) {
       using Op = decltype(op);
-      const auto r = recovery_of<Op, scalar_t>(grad_out, y, mask, residual, ch, table, call);
+      const auto r =
+          recovery_of<Op, scalar_t>(grad_out, y, mask, residual, z, nullptr, ch, table, call);
       backward_elemt_loop<Op, scalar_t>(r, geometry_of(y), grad_x, grad_residual);
     });
   });

@@ -12,38 +12,19 @@
 #include <tuple>
 
 #include "checks.h"
+#include "cuda/bn_act_glue.h"
 #include "cuda/bn_act_launch.h"
 
 namespace mishkit {
 namespace {
 
-cuda::BnDType dtype_of(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kDouble: return cuda::BnDType::kDouble;
-    case at::kHalf: return cuda::BnDType::kHalf;
-    case at::kBFloat16: return cuda::BnDType::kBFloat16;
-    default: return cuda::BnDType::kFloat;  // check_input admits only the four float types
-  }
-}
-
-cuda::BnGeometry geometry_of(const at::Tensor& x) {
-  int64_t spatial = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) spatial *= x.size(d);
-  return {x.size(0), x.size(1), spatial, !x.is_contiguous()};
-}
-
-at::Tensor channel_vector(const at::Tensor& x) {
-  const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return at::empty({x.size(1)}, x.options().dtype(compute));
-}
+using cuda::channel_vector;
+using cuda::check_launch;
+using cuda::dtype_of;
+using cuda::geometry_of;
 
 at::Tensor workspace_for(const at::Tensor& x) {
   return at::zeros({2 * x.size(1)}, x.options().dtype(at::kDouble));
-}
-
-void check_launch(const char* op, cudaError_t error) {
-  TORCH_CHECK(error == cudaSuccess, op, ": CUDA kernel launch failed: ",
-              cudaGetErrorString(error));
 }
 
 void check_cuda(const char* op, const at::Tensor& x) {

@@ -14,34 +14,16 @@
 #include <tuple>
 
 #include "checks.h"
+#include "cuda/bn_act_glue.h"
 #include "cuda/bn_act_output_launch.h"
 
 namespace mishkit {
 namespace {
 
-cuda::BnDType dtype_of(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kDouble: return cuda::BnDType::kDouble;
-    case at::kHalf: return cuda::BnDType::kHalf;
-    case at::kBFloat16: return cuda::BnDType::kBFloat16;
-    default: return cuda::BnDType::kFloat;  // the checks admit only the four float types
-  }
-}
-
-cuda::BnGeometry geometry_of(const at::Tensor& x) {
-  int64_t spatial = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) spatial *= x.size(d);
-  return {x.size(0), x.size(1), spatial, !x.is_contiguous()};
-}
-
-at::Tensor channel_vector(const at::Tensor& x) {
-  return at::empty({x.size(1)}, x.options().dtype(compute_type(x)));
-}
-
-void check_launch(const char* op, cudaError_t error) {
-  TORCH_CHECK(error == cudaSuccess, op, ": CUDA kernel launch failed: ",
-              cudaGetErrorString(error));
-}
+using cuda::channel_vector;
+using cuda::check_launch;
+using cuda::dtype_of;
+using cuda::geometry_of;
 
 const void* data_or_null(const at::Tensor* t) { return t ? t->const_data_ptr() : nullptr; }
 
@@ -67,19 +49,13 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x, const at::T
   return {y, mask};
 }
 
-// The checks both backward ops share; returns the activation call.
+// The shared backward checks, on a CUDA y.
 ActCall check_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& y,
                        const at::Tensor& mask, const at::Tensor& scale, const at::Tensor& shift,
                        const at::Tensor& table, c10::string_view name,
                        c10::ArrayRef<double> params) {
-  check_bn_input(op, y);
   check_cuda_tensor(y, op);
-  check_bn_grad(op, grad_out, y);
-  check_channel_vectors(op, y, {&scale, &shift});
-  const ActCall call = check_output_activation(op, y, name, params);
-  check_branch_mask(op, mask, y);
-  check_inverse_table(op, table, y, call);
-  return call;
+  return check_output_backward_args(op, grad_out, y, mask, scale, shift, table, name, params);
 }
 
 cuda::InverseArgs inverse_args(const ActCall& call, const at::Tensor& y, const at::Tensor& table) {
@@ -87,7 +63,7 @@ cuda::InverseArgs inverse_args(const ActCall& call, const at::Tensor& y, const a
   return {table.numel() > 0 ? table.const_data_ptr() : nullptr, floors.floor, floors.log_floor};
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_reduce_cuda(
     const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& mask,
     const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& residual,
     const at::Tensor& table, c10::string_view name, c10::ArrayRef<double> params) {
@@ -104,11 +80,12 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce_cuda(
       shift.const_data_ptr(), inverse_args(call, y, table), sum_dz.data_ptr(),
       sum_dz_xmu.data_ptr(), workspace.data_ptr<double>(), static_cast<int>(call.id),
       call.params.data(), c10::cuda::getCurrentCUDAStream()));
-  return {sum_dz, sum_dz_xmu};
+  // no z for backward_elemt: recovering it again costs less than its memory traffic on a GPU
+  return {sum_dz, sum_dz_xmu, at::empty({0}, y.options().dtype(compute_type(y)))};
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_elemt_cuda(
-    const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& mask,
+    const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& mask, const at::Tensor& z,
     const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& residual,
     const at::Tensor& coef_xmu, const at::Tensor& coef_const, const at::Tensor& table,
     c10::string_view name, c10::ArrayRef<double> params) {
@@ -116,14 +93,16 @@ std::tuple<at::Tensor, at::Tensor> backward_elemt_cuda(
   const ActCall call = check_backward(op, grad_out, y, mask, scale, shift, table, name, params);
   check_channel_vectors(op, y, {&coef_xmu, &coef_const});
   const at::Tensor* r = check_bn_residual(op, residual, y);
+  const at::Tensor* recovered = check_recovered(op, z, y);
   const c10::cuda::CUDAGuard guard(y.device());
   at::Tensor grad_x = at::empty_like(y);
   at::Tensor grad_residual = r ? at::empty_like(y) : at::empty({0}, y.options());
   const at::Tensor inv_scale = at::reciprocal(scale);
   check_launch(op, cuda::launch_bn_act_output_backward_elemt(
       grad_out.const_data_ptr(), y.const_data_ptr(), mask.const_data_ptr<uint8_t>(),
-      data_or_null(r), dtype_of(y), geometry_of(y), scale.const_data_ptr(),
-      inv_scale.const_data_ptr(), shift.const_data_ptr(), coef_xmu.const_data_ptr(),
+      data_or_null(recovered), data_or_null(r), dtype_of(y), geometry_of(y),
+      scale.const_data_ptr(), inv_scale.const_data_ptr(), shift.const_data_ptr(),
+      coef_xmu.const_data_ptr(),
       coef_const.const_data_ptr(), inverse_args(call, y, table), grad_x.data_ptr(),
       r ? grad_residual.data_ptr() : nullptr, static_cast<int>(call.id), call.params.data(),
       c10::cuda::getCurrentCUDAStream()));

@@ -40,11 +40,12 @@ cudaError_t launch_bn_act_output_backward_reduce(const void* grad_out, const voi
                                                  void* sum_dz_xmu, double* workspace, int act_id,
                                                  const double* params, cudaStream_t stream);
 
-// grad_x = dz * scale + xmu * coef_xmu + coef_const; grad_residual (if not null) = dz.
+// grad_x = dz * scale + xmu * coef_xmu + coef_const; grad_residual (if not null) = dz. z (compute
+// type) may hold the recovered pre-activation; null: recovered again from (y, mask).
 cudaError_t launch_bn_act_output_backward_elemt(
-    const void* grad_out, const void* y, const uint8_t* mask, const void* residual, BnDType dtype,
-    BnGeometry g, const void* scale, const void* inv_scale, const void* shift,
-    const void* coef_xmu, const void* coef_const, InverseArgs inverse, void* grad_x,
-    void* grad_residual, int act_id, const double* params, cudaStream_t stream);
+    const void* grad_out, const void* y, const uint8_t* mask, const void* z,
+    const void* residual, BnDType dtype, BnGeometry g, const void* scale, const void* inv_scale,
+    const void* shift, const void* coef_xmu, const void* coef_const, InverseArgs inverse,
+    void* grad_x, void* grad_residual, int act_id, const double* params, cudaStream_t stream);
 
 }  // namespace mishkit::cuda

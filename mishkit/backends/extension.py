@@ -119,10 +119,15 @@ def register_bn_act_output_fakes(prefix: str) -> None:
 
     @torch.library.register_fake(prefix + "backward_reduce")
     def _(grad_out, y, mask, scale, shift, residual, table, name, params):
-        return channel_vector(y), channel_vector(y)
+        # the CPU kernels keep the recovered z for backward_elemt, the CUDA ones recompute it
+        compute = compute_dtype(y.dtype)
+        z = (torch.empty_like(y, dtype=compute) if y.device.type == "cpu"
+             else y.new_empty(0, dtype=compute))
+        return channel_vector(y), channel_vector(y), z
 
     @torch.library.register_fake(prefix + "backward_elemt")
-    def _(grad_out, y, mask, scale, shift, residual, coef_xmu, coef_const, table, name, params):
+    def _(grad_out, y, mask, z, scale, shift, residual, coef_xmu, coef_const, table, name,
+          params):
         grad_residual = torch.empty_like(y) if residual is not None else y.new_empty(0)
         return torch.empty_like(y), grad_residual
 

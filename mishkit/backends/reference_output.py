@@ -69,28 +69,30 @@ def bn_act_output_forward(x, mean, scale, shift, residual, branch, name, params)
     return y, pack_bits(z < branch)
 
 
-def _recover(grad_out, y, mask, scale, shift, residual, table, name, params):
-    """``(dz, xmu)``: ``grad_out * f'(z)`` and ``x - mean`` from the output and the mask."""
+def _recover(grad_out, y, mask, z, scale, shift, residual, table, name, params):
+    """``(dz, xmu, z)``: ``grad_out * f'(z)``, ``x - mean`` and ``z``, recovered from the output
+    and the mask unless ``z`` is given (not empty)."""
     spec = get_spec(name)
     compute = scale.dtype
-    z = invert(y.to(compute), unpack_bits(mask, y), table, name, tuple(params), y.dtype)
+    if z is None or z.numel() == 0:
+        z = invert(y.to(compute), unpack_bits(mask, y), table, name, tuple(params), y.dtype)
     u = z - _channel(shift, y)
     if residual is not None:
         u = u - residual.to(compute)
     dz = grad_out.to(compute) * spec.derivative(z, **spec.kwargs(tuple(params)))
-    return dz, u / _channel(scale, y)
+    return dz, u / _channel(scale, y), z
 
 
 def bn_act_output_backward_reduce(grad_out, y, mask, scale, shift, residual, table, name,
                                   params):
-    dz, xmu = _recover(grad_out, y, mask, scale, shift, residual, table, name, params)
+    dz, xmu, z = _recover(grad_out, y, mask, None, scale, shift, residual, table, name, params)
     dims = _reduce_dims(y)
-    return dz.sum(dims), (dz * xmu).sum(dims)
+    return dz.sum(dims), (dz * xmu).sum(dims), z
 
 
-def bn_act_output_backward_elemt(grad_out, y, mask, scale, shift, residual, coef_xmu, coef_const,
-                                 table, name, params):
-    dz, xmu = _recover(grad_out, y, mask, scale, shift, residual, table, name, params)
+def bn_act_output_backward_elemt(grad_out, y, mask, z, scale, shift, residual, coef_xmu,
+                                 coef_const, table, name, params):
+    dz, xmu, _ = _recover(grad_out, y, mask, z, scale, shift, residual, table, name, params)
     grad_x = torch.empty_like(y)
     grad_x.copy_(dz * _channel(scale, y) + xmu * _channel(coef_xmu, y) + _channel(coef_const, y))
     if residual is None:

@@ -15,10 +15,14 @@ compute dtype, ``mask`` uint8 of ``ceil(numel / 8)`` bytes in storage order)::
             str name, float[] params) -> (Tensor y, Tensor mask)    # bit = z < branch
     backward_reduce(Tensor grad_out, Tensor y, Tensor mask, Tensor scale, Tensor shift,
                     Tensor? residual, Tensor table, str name, float[] params)
-        -> (Tensor sum_dz, Tensor sum_dz_xmu)
-    backward_elemt(Tensor grad_out, Tensor y, Tensor mask, Tensor scale, Tensor shift,
+        -> (Tensor sum_dz, Tensor sum_dz_xmu, Tensor z)
+    backward_elemt(Tensor grad_out, Tensor y, Tensor mask, Tensor z, Tensor scale, Tensor shift,
                    Tensor? residual, Tensor coef_xmu, Tensor coef_const, Tensor table, str name,
                    float[] params) -> (Tensor grad_x, Tensor grad_residual)  # empty without r
+
+``z`` is the recovered pre-activation (compute dtype, y's layout) that backward_reduce may keep
+for backward_elemt (the CPU and torch kernels do: an inversion costs more than the memory
+traffic there), or an empty tensor, with which backward_elemt recovers it again (CUDA, Triton).
 
 The residual form ``act(bn(x) + r)`` saves ``r`` as well (usually the block input, which the
 block's first convolution saves anyway) and subtracts it from the recovered ``z``.
@@ -134,15 +138,17 @@ class BatchNormActOutputFunction(torch.autograd.Function):
             grad_out = grad_out.contiguous(memory_format=dense_format(y))
             grad_x = grad_residual = grad_weight = grad_bias = None
             sum_dz = sum_dz_xmu = None
+            z = scale.new_empty(0)  # none yet: backward_elemt recovers it
             if need_weight or need_bias or (need_x and use_batch_stats):
-                sum_dz, sum_dz_xmu = kernels.backward_reduce(grad_out, y, mask, scale, shift,
-                                                             residual, table, name, params)
+                sum_dz, sum_dz_xmu, z = kernels.backward_reduce(grad_out, y, mask, scale, shift,
+                                                                residual, table, name, params)
             if need_x or need_residual:
                 coef_xmu, coef_const = input_coefficients(sum_dz, sum_dz_xmu, scale, invstd,
                                                           count, use_batch_stats, group)
                 grad_x, grad_residual = kernels.backward_elemt(
-                    grad_out, y, mask, scale, shift, residual, coef_xmu, coef_const, table,
+                    grad_out, y, mask, z, scale, shift, residual, coef_xmu, coef_const, table,
                     name, params)
+                del z
             weight_dtype, bias_dtype = ctx.param_dtypes
             if need_weight:
                 grad_weight = (sum_dz_xmu * invstd).to(weight_dtype)

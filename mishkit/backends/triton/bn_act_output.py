@@ -2,11 +2,12 @@
 :mod:`mishkit.batchnorm.output`; the inverse: :mod:`mishkit.backends.inversion`).
 
 Registered as ``torch.ops.mishkit.triton_bn_act_output_{forward,backward_reduce,backward_elemt}``.
-Tensors are dense (NCHW-contiguous or channels_last) and indexed like :mod:`.bn_act`'s kernels.
+Tensors are dense (NCHW-contiguous or channels_last); element ``(n, c, s)`` of the flattened
+spatial index ``s`` lives at ``n * stride_n + c * stride_c + s * stride_s``.
 
 * forward: each program owns ``BYTES`` whole bytes of the mask, i.e. a ``[BYTES, 8]`` tile of
   consecutive elements, so the bits of a byte are summed in registers and stored once.
-* backward_reduce: one program per block of channels walks all rows (as ``bn_act``'s reduction);
+* backward_reduce: one program per block of channels walks all ``N * S`` rows in tiles;
   backward_elemt: flat elementwise. Both read bit ``i & 7`` of mask byte ``i >> 3`` and recover
   ``z`` by :func:`invert`.
 """
@@ -21,8 +22,6 @@ from torch.library import triton_op, wrap_triton
 from ..._checks import BnActOutputKernels, compute_dtype
 from ..inversion import HEADER, NEWTON_STEPS, TABLE_INTERVALS, saturation_floors
 from . import interpret_mode
-from .bn_act import _TL_DTYPES, ELEMENTWISE_BLOCK, _channel_of, _check, _geometry, _reduction_blocks
-from .bn_act import _tile as _load_tile
 from .math import (
     ACTIVATION_IDS,
     ELU,
@@ -39,7 +38,27 @@ from .math import (
 _N = tl.constexpr(TABLE_INTERVALS)
 _NODES = tl.constexpr(TABLE_INTERVALS + 1)
 _HEADER = tl.constexpr(HEADER)
-MASK_BYTES = 8 if interpret_mode() else 128  # bytes (x 8 elements) per forward program
+_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+# The CPU interpreter runs each program in numpy: small blocks keep the tiny test tensors fast.
+_INTERPRET = interpret_mode()
+MASK_BYTES = 8 if _INTERPRET else 128  # bytes (x 8 elements) per forward program
+BLOCK = 64 if _INTERPRET else 1024  # elements per backward_elemt program
+
+
+@triton.jit
+def _channel_of(i, C, stride_c):
+    return (i // stride_c) % C
+
+
+@triton.jit
+def _rows(y_ptr, start, c, c_mask, R, S, stride_n, stride_c, stride_s, BLOCK_R: tl.constexpr,
+          COMPUTE: tl.constexpr):
+    """Rows ``start .. start + BLOCK_R`` (flattened n, spatial) of channels ``c``: the values,
+    their offsets and the mask, as [BLOCK_R, BLOCK_C] tiles."""
+    r = start + tl.arange(0, BLOCK_R).to(tl.int64)
+    offsets = ((r // S) * stride_n + (r % S) * stride_s)[:, None] + c[None, :] * stride_c
+    valid = (r < R)[:, None] & c_mask[None, :]
+    return tl.load(y_ptr + offsets, mask=valid, other=0.0).to(COMPUTE), offsets, valid
 
 
 @triton.jit
@@ -153,18 +172,20 @@ def _forward_kernel(x_ptr, r_ptr, mean_ptr, scale_ptr, shift_ptr, consts_ptr, y_
 
 
 @triton.jit
-def _recover(g, y, r, left, c_mask_or_valid, c_shift, c_inv_scale, table_ptr, consts_ptr,
-             HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr, NEWTON: tl.constexpr):
-    """(dz, xmu) from grad_out, y, residual and the branch bits."""
-    p0 = tl.load(consts_ptr)
-    p1 = tl.load(consts_ptr + 1)
-    z = invert(y, left, table_ptr, p0, p1, tl.load(consts_ptr + 2), tl.load(consts_ptr + 3), ACT,
-               NEWTON)
+def _recover_z(y, left, table_ptr, consts_ptr, ACT: tl.constexpr, NEWTON: tl.constexpr):
+    return invert(y, left, table_ptr, tl.load(consts_ptr), tl.load(consts_ptr + 1),
+                  tl.load(consts_ptr + 2), tl.load(consts_ptr + 3), ACT, NEWTON)
+
+
+@triton.jit
+def _dz_xmu(g, z, r, valid, c_shift, c_inv_scale, consts_ptr, HAS_RESIDUAL: tl.constexpr,
+            ACT: tl.constexpr):
+    """(dz, xmu) of grad_out, the pre-activation z and the residual."""
     u = z - c_shift
     if HAS_RESIDUAL:
         u -= r
-    dz = g * derivative_math(z, p0, p1, ACT)
-    return tl.where(c_mask_or_valid, dz, 0.0), u * c_inv_scale
+    dz = g * derivative_math(z, tl.load(consts_ptr), tl.load(consts_ptr + 1), ACT)
+    return tl.where(valid, dz, 0.0), u * c_inv_scale
 
 
 @triton.jit
@@ -180,14 +201,15 @@ def _backward_reduce_kernel(g_ptr, y_ptr, r_ptr, mask_ptr, inv_scale_ptr, shift_
     sum_dz = tl.zeros([BLOCK_R, BLOCK_C], COMPUTE)
     sum_dz_xmu = tl.zeros([BLOCK_R, BLOCK_C], COMPUTE)
     for start in range(0, R, BLOCK_R):
-        y, offsets, valid = _load_tile(y_ptr, start, c, c_mask, R, S, stride_n, stride_c,
-                                       stride_s, BLOCK_R, COMPUTE)
+        y, offsets, valid = _rows(y_ptr, start, c, c_mask, R, S, stride_n, stride_c, stride_s,
+                                  BLOCK_R, COMPUTE)
         g = tl.load(g_ptr + offsets, mask=valid, other=0.0).to(COMPUTE)
         r = 0.0
         if HAS_RESIDUAL:
             r = tl.load(r_ptr + offsets, mask=valid, other=0.0).to(COMPUTE)
-        dz, xmu = _recover(g, y, r, _left_bits(mask_ptr, offsets, valid), valid, shift,
-                           inv_scale, table_ptr, consts_ptr, HAS_RESIDUAL, ACT, NEWTON)
+        z = _recover_z(y, _left_bits(mask_ptr, offsets, valid), table_ptr, consts_ptr, ACT,
+                       NEWTON)
+        dz, xmu = _dz_xmu(g, z, r, valid, shift, inv_scale, consts_ptr, HAS_RESIDUAL, ACT)
         sum_dz += dz
         sum_dz_xmu += tl.where(valid, dz * xmu, 0.0)
     tl.store(sum_dz_ptr + c, tl.sum(sum_dz, axis=0), mask=c_mask)
@@ -195,22 +217,25 @@ def _backward_reduce_kernel(g_ptr, y_ptr, r_ptr, mask_ptr, inv_scale_ptr, shift_
 
 
 @triton.jit
-def _backward_elemt_kernel(g_ptr, y_ptr, r_ptr, mask_ptr, scale_ptr, inv_scale_ptr, shift_ptr,
-                           coef_xmu_ptr, coef_const_ptr, table_ptr, consts_ptr, grad_x_ptr,
-                           grad_r_ptr, numel, C, stride_c, HAS_RESIDUAL: tl.constexpr,
-                           ACT: tl.constexpr, NEWTON: tl.constexpr, BLOCK: tl.constexpr,
-                           COMPUTE: tl.constexpr):
+def _backward_elemt_kernel(g_ptr, y_ptr, r_ptr, mask_ptr, z_ptr, scale_ptr, inv_scale_ptr,
+                           shift_ptr, coef_xmu_ptr, coef_const_ptr, table_ptr, consts_ptr,
+                           grad_x_ptr, grad_r_ptr, numel, C, stride_c, HAS_RESIDUAL: tl.constexpr,
+                           HAS_Z: tl.constexpr, ACT: tl.constexpr, NEWTON: tl.constexpr,
+                           BLOCK: tl.constexpr, COMPUTE: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = i < numel
     c = _channel_of(i, C, stride_c)
-    y = tl.load(y_ptr + i, mask=valid, other=0.0).to(COMPUTE)
     g = tl.load(g_ptr + i, mask=valid, other=0.0).to(COMPUTE)
     r = 0.0
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + i, mask=valid, other=0.0).to(COMPUTE)
-    dz, xmu = _recover(g, y, r, _left_bits(mask_ptr, i, valid), valid,
-                       tl.load(shift_ptr + c, mask=valid), tl.load(inv_scale_ptr + c, mask=valid),
-                       table_ptr, consts_ptr, HAS_RESIDUAL, ACT, NEWTON)
+    if HAS_Z:  # the reduce pass's z (a direct call may pass one)
+        z = tl.load(z_ptr + i, mask=valid, other=0.0)
+    else:
+        y = tl.load(y_ptr + i, mask=valid, other=0.0).to(COMPUTE)
+        z = _recover_z(y, _left_bits(mask_ptr, i, valid), table_ptr, consts_ptr, ACT, NEWTON)
+    dz, xmu = _dz_xmu(g, z, r, valid, tl.load(shift_ptr + c, mask=valid),
+                      tl.load(inv_scale_ptr + c, mask=valid), consts_ptr, HAS_RESIDUAL, ACT)
     grad_x = dz * tl.load(scale_ptr + c, mask=valid) + xmu * tl.load(coef_xmu_ptr + c, mask=valid)
     grad_x += tl.load(coef_const_ptr + c, mask=valid)
     tl.store(grad_x_ptr + i, grad_x.to(grad_x_ptr.dtype.element_ty), mask=valid)
@@ -238,19 +263,42 @@ def _newton(y: torch.Tensor) -> int:
     return NEWTON_STEPS[compute_dtype(y.dtype)]
 
 
-def _check_same(y: torch.Tensor, *tensors: torch.Tensor | None) -> None:
-    for t in tensors:
+def _check(x: torch.Tensor, vectors: tuple, same: tuple = ()) -> None:
+    """x dense (N, C, *); vectors (C,) in the compute dtype; ``same`` tensors (grad_out,
+    residual; None skipped) with x's shape and strides."""
+    torch._check(x.dim() >= 2, lambda: f"expected an (N, C, ...) tensor, got {list(x.shape)}")
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    torch._check(x.is_contiguous() or channels_last,
+                 lambda: "x must be contiguous or channels_last (batch_norm_act makes it)")
+    for v in vectors:
+        torch._check(v.shape == (x.shape[1],) and v.dtype == compute_dtype(x.dtype),
+                     lambda: "per-channel vectors must be (C,) in the compute dtype")
+    for t in same:
         if t is not None:
-            torch._check(t.shape == y.shape and t.stride() == y.stride(),
+            torch._check(t.shape == x.shape and t.stride() == x.stride(),
                          lambda: "grad_out / residual must have y's shape and strides")
+
+
+def _geometry(x: torch.Tensor):
+    """(C, rows R = N * S, S, stride_n, stride_c, stride_s) of a dense (N, C, *) tensor."""
+    channels = x.shape[1]
+    spatial = int(torch.Size(x.shape[2:]).numel())
+    stride_s = 1 if x.is_contiguous() else channels  # else channels_last (checked by _check)
+    return channels, x.shape[0] * spatial, spatial, x.stride(0), x.stride(1), stride_s
+
+
+def _reduction_blocks(stride_c: int, channels: int) -> tuple[int, int]:
+    """(rows, channels) per reduction tile: across channels where they are contiguous."""
+    if stride_c == 1:  # channels_last
+        return (8 if _INTERPRET else 32), min(triton.next_power_of_2(max(channels, 1)), 64)
+    return (32 if _INTERPRET else 256), 1
 
 
 @triton_op("mishkit::triton_bn_act_output_forward", mutates_args=())
 def forward(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
             residual: torch.Tensor | None, branch: float, name: str,
             params: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(x, mean, scale, shift)
-    _check_same(x, residual)
+    _check(x, (mean, scale, shift), (residual,))
     y = torch.empty_like(x)
     mask = x.new_empty((x.numel() + 7) // 8, dtype=torch.uint8)
     if x.numel() == 0:
@@ -278,9 +326,8 @@ def _table_or_dummy(table: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def backward_reduce(grad_out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
                     scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None,
                     table: torch.Tensor, name: str,
-                    params: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(y, scale, shift)
-    _check_same(y, grad_out, residual)
+                    params: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check(y, (scale, shift), (grad_out, residual))
     sum_dz, sum_dz_xmu = torch.empty_like(scale), torch.empty_like(scale)
     channels, rows, spatial, stride_n, stride_c, stride_s = _geometry(y)
     block_r, block_c = _reduction_blocks(stride_c, channels)
@@ -291,28 +338,30 @@ def backward_reduce(grad_out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
         channels, rows, spatial, stride_n, stride_c, stride_s,
         HAS_RESIDUAL=residual is not None, ACT=_activation_id(name), NEWTON=_newton(y),
         BLOCK_R=block_r, BLOCK_C=block_c, COMPUTE=_TL_DTYPES[scale.dtype])
-    return sum_dz, sum_dz_xmu
+    # no z for backward_elemt: recovering it again costs less than its memory traffic on a GPU
+    return sum_dz, sum_dz_xmu, scale.new_empty(0)
 
 
 @triton_op("mishkit::triton_bn_act_output_backward_elemt", mutates_args=())
-def backward_elemt(grad_out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+def backward_elemt(grad_out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, z: torch.Tensor,
                    scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None,
                    coef_xmu: torch.Tensor, coef_const: torch.Tensor, table: torch.Tensor,
                    name: str, params: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(y, scale, shift, coef_xmu, coef_const)
-    _check_same(y, grad_out, residual)
+    has_z = z.numel() > 0
+    _check(y, (scale, shift, coef_xmu, coef_const), (grad_out, residual, z if has_z else None))
+    torch._check(not has_z or z.dtype == scale.dtype, lambda: "z must be in the compute dtype")
     grad_x = torch.empty_like(y)
     grad_r = torch.empty_like(y) if residual is not None else y.new_empty(0)
     if y.numel() == 0:
         return grad_x, grad_r
     channels, _, _, _, stride_c, _ = _geometry(y)
-    grid = (triton.cdiv(y.numel(), ELEMENTWISE_BLOCK),)
+    grid = (triton.cdiv(y.numel(), BLOCK),)
     wrap_triton(_backward_elemt_kernel)[grid](
-        grad_out, y, y if residual is None else residual, mask, scale, 1.0 / scale, shift,
-        coef_xmu, coef_const, _table_or_dummy(table, y), _backward_consts(name, params, y),
-        grad_x, grad_x if residual is None else grad_r, y.numel(), channels, stride_c,
-        HAS_RESIDUAL=residual is not None, ACT=_activation_id(name), NEWTON=_newton(y),
-        BLOCK=ELEMENTWISE_BLOCK, COMPUTE=_TL_DTYPES[scale.dtype])
+        grad_out, y, y if residual is None else residual, mask, z if has_z else scale, scale,
+        1.0 / scale, shift, coef_xmu, coef_const, _table_or_dummy(table, y),
+        _backward_consts(name, params, y), grad_x, grad_x if residual is None else grad_r,
+        y.numel(), channels, stride_c, HAS_RESIDUAL=residual is not None, HAS_Z=has_z,
+        ACT=_activation_id(name), NEWTON=_newton(y), BLOCK=BLOCK, COMPUTE=_TL_DTYPES[scale.dtype])
     return grad_x, grad_r
 
 
