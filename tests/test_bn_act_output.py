@@ -588,6 +588,11 @@ def test_shortcut_norm_saves_its_output_too():
     expected = x.nbytes + tensor * 4 + 2 * tensor * 6 + sum(
         math.ceil(2 * c * 64 / 8) for c in (4, 6, 6))
     assert saved_bytes(block, x) == expected + 3 * (4 + 6 + 6) * 8  # + 3 (C,) float64 vectors
+    structure = [(path, type(m).__name__, getattr(m, "saves", None))
+                 for path, m in block.named_modules()]
+    convert(block, "mish", fuse_bn="output")  # converting twice changes nothing more
+    assert [(path, type(m).__name__, getattr(m, "saves", None))
+            for path, m in block.named_modules()] == structure
     native = convert(block, "native")
     assert type(native.downsample[1]) is nn.BatchNorm2d
 

@@ -93,7 +93,7 @@ def output_unusable(weight, bias, dtype: torch.dtype) -> str | None:
 
 def saves_output(x, weight, bias, residual, where: str) -> bool:
     """Whether this call takes the output-saving path: autograd will need a backward, and the
-    affine parameters let ``y`` determine ``x`` (else a one-time warning and the input path)."""
+    affine parameters let ``y`` determine ``x`` (else a RuntimeWarning and the input path)."""
     tensors = (x, weight, bias, residual)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
         return False  # nothing is saved: the input-saving kernels are the cheaper forward
