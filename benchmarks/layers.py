@@ -1,6 +1,6 @@
 """Layer and network benchmarks: fused BatchNorm+activation, a segmentation training step, the
-five-variant saved-bytes table (ReLU, nn.Mish, naive Mish, mishkit Mish, mishkit fused BN), and
-networks under torch.compile (native vs mishkit, against eager mishkit).
+saved-bytes table (ReLU, nn.Mish, naive Mish, mishkit Mish, mishkit fused BN saving its input or
+its output), and networks under torch.compile (native vs mishkit, against eager mishkit).
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ def _bn_then(activation: str, kind: str) -> Callable[[int], nn.Module]:
     return build
 
 
-def _fused(activation: str) -> Callable[[int], nn.Module]:
+def _fused(activation: str, saves: str = "input") -> Callable[[int], nn.Module]:
     def build(channels: int) -> nn.Module:
-        return BatchNormAct2d(channels, activation=activation)
+        return BatchNormAct2d(channels, activation=activation, saves=saves)
 
     return build
 
@@ -69,6 +69,7 @@ BN_ACT_VARIANTS = {
     "bn+native": lambda act: _bn_then(act, "native"),
     "bn+mishkit": lambda act: _bn_then(act, "mishkit"),
     "BatchNormAct2d": _fused,
+    "BatchNormAct2d(saves=output)": lambda act: _fused(act, "output"),
 }
 
 
@@ -82,12 +83,17 @@ def run_bn_act(activations: list[str], dtypes: list[str], shape: tuple[int, int,
                                 device, timing) for variant, factory in BN_ACT_VARIANTS.items()]
             base = next((r for r in rows if r["variant"] == "bn+native" and r["status"] == "ok"),
                         None)
+            fused = next((r for r in rows if r["variant"] == "BatchNormAct2d"
+                          and r["status"] == "ok"), None)
             for row in rows:
                 row.update(record="bn_act", activation=activation, dtype=dtype_name,
                            shape=list(shape))
                 if base and row["status"] == "ok":
                     row["speedup_vs_bn_native"] = base["time_ms_median"] / row["time_ms_median"]
                     row["saved_ratio_vs_bn_native"] = row["saved_bytes"] / base["saved_bytes"]
+                if fused and row["status"] == "ok":  # saves="output" against saves="input"
+                    row["time_ratio_vs_saves_input"] = (row["time_ms_median"]
+                                                        / fused["time_ms_median"])
             log(f"bn_act {activation} {dtype_name} {'x'.join(map(str, shape))}: " + ", ".join(
                 f"{r['variant']} {r['time_ms_median']:.2f} ms" if r["status"] == "ok"
                 else f"{r['variant']} {r['status']}" for r in rows))
@@ -151,7 +157,7 @@ def build_network(name: str) -> tuple[nn.Module, str]:
 
 
 def network_variants() -> dict[str, Callable[[nn.Module], nn.Module]]:
-    """The memory table's five variants, from mishkit.memory (one definition of them)."""
+    """The memory table's variants, from mishkit.memory (one definition of them)."""
     return mish_variants()
 
 
@@ -241,11 +247,13 @@ COMPILE_VARIANTS: dict[str, tuple[str, bool]] = {
     "eager native": ("torch_mish", False),
     "eager mishkit": ("mishkit_mish", False),
     "eager mishkit fuse_bn": ("mishkit_mish_fuse_bn", False),
+    "eager mishkit fuse_bn output": ("mishkit_mish_fuse_bn_output", False),
     "compile native": ("torch_mish", True),
     "compile mishkit": ("mishkit_mish", True),
     "compile mishkit fuse_bn": ("mishkit_mish_fuse_bn", True),
 }
 COMPILE_BASELINE, EAGER_BASELINE = "compile native", "eager mishkit"
+FUSED_BASELINE = "eager mishkit fuse_bn"  # what fuse_bn="output" is timed against
 
 
 @dataclass(frozen=True)
@@ -321,8 +329,11 @@ def _cpu_ms_per_step(step: Callable[[], object], steps: int = 3) -> float:
 
 def _add_ratios(rows: list[dict]) -> None:
     ok = {r["variant"]: r for r in rows if r["status"] == "ok"}
-    compiled, eager = ok.get(COMPILE_BASELINE), ok.get(EAGER_BASELINE)
+    compiled, eager, fused = (ok.get(COMPILE_BASELINE), ok.get(EAGER_BASELINE),
+                              ok.get(FUSED_BASELINE))
     for row in ok.values():
+        if fused:
+            row["time_ratio_vs_eager_fuse_bn"] = row["time_ms_median"] / fused["time_ms_median"]
         if compiled:
             row["time_ratio_vs_compile_native"] = row["time_ms_median"] / compiled["time_ms_median"]
             row["saved_ratio_vs_compile_native"] = row["saved_bytes"] / compiled["saved_bytes"]

@@ -162,6 +162,13 @@ def _compile_targets() -> list[Target]:
             Target(f"{network}: eager mishkit fuse_bn time ≤ 1.2× compile native",
                    "compile_network", where, "time_ratio_vs_compile_native", "<=", 1.2),
         ]
+        where = {**at, "variant": "eager mishkit fuse_bn output"}
+        targets += [
+            Target(f"{network}: eager fuse_bn='output' saved bytes ≤ compile native",
+                   "compile_network", where, "saved_ratio_vs_compile_native", "<=", 1.0),
+            Target(f"{network}: eager fuse_bn='output' fwd+bwd time ≤ 1.15× fuse_bn=True",
+                   "compile_network", where, "time_ratio_vs_eager_fuse_bn", "<=", 1.15),
+        ]
     return targets
 
 
@@ -243,3 +250,13 @@ def _metric(row: dict, metric: str) -> float | None:
     if metric.startswith("speedup."):
         return row.get("speedup", {}).get(metric.split(".", 1)[1])
     return row.get(metric)
+
+
+# BatchNorm + activation saving only its output (mishkit.batchnorm.output), on any device (the
+# time and compile targets are in _compile_targets; the bn_act rows report the layer's ratio).
+OUTPUT_TARGETS = [
+    Target("fuse_bn='output' saved bytes ≤ 0.6× ReLU(inplace)", "memory",
+           {"variant": "mishkit_mish_fuse_bn_output"}, "saved_ratio_vs_relu", "<=", 0.6),
+]
+GPU_TARGETS += OUTPUT_TARGETS
+CPU_TARGETS += OUTPUT_TARGETS

@@ -39,7 +39,7 @@ class Preset:
     compile_activations: tuple[str, ...]
     bn_shape: tuple[int, int, int, int]
     network: tuple[str, int, int]  # model, batch, image size of the timed training step
-    memory: tuple[str, int, int]  # model, batch, image size of the five-variant saved-bytes table
+    memory: tuple[str, int, int]  # model, batch, image size of the saved-bytes table
     # (model, batch, image size) per network of the torch.compile comparison
     compile_networks: tuple[tuple[str, int, int], ...] = ()
     compile_backend: str = "inductor"

@@ -81,3 +81,47 @@ void check_channel_vectors(const char* op, const at::Tensor& x,
 void check_bn_grad(const char* op, const at::Tensor& grad_out, const at::Tensor& x);
 
 }  // namespace mishkit
+
+// Output-saving BatchNorm + activation ops ----------------------------------------------------
+
+#include <optional>
+
+namespace mishkit {
+
+// The forward checks, plus: the activation can be recovered from its output with these
+// parameters (inverse.h; mishkit/backends/inversion.py for the reasons).
+ActCall check_output_activation(const char* op, const at::Tensor& x, c10::string_view name,
+                                c10::ArrayRef<double> params);
+
+// mask: uint8, contiguous, ceil(y.numel() / 8) bytes, on y's device.
+void check_branch_mask(const char* op, const at::Tensor& mask, const at::Tensor& y);
+
+// residual, if given: y's shape, dtype, device and strides. Returns it or nullptr.
+const at::Tensor* check_bn_residual(const char* op, const std::optional<at::Tensor>& residual,
+                                    const at::Tensor& y);
+
+// table: contiguous, in y's compute dtype, on y's device; inv::kTableSize values for tabulated
+// activations (closed forms take any, usually an empty one).
+void check_inverse_table(const char* op, const at::Tensor& table, const at::Tensor& y,
+                         const ActCall& call);
+
+// z (the reduce pass's recovered pre-activation), if not empty: y's shape and strides in y's
+// compute dtype, on y's device. Returns it or nullptr.
+const at::Tensor* check_recovered(const char* op, const at::Tensor& z, const at::Tensor& y);
+
+// The checks both backward ops share: y a dense BN input, grad_out like y, (C,) scale and shift,
+// an invertible activation, the mask and the table. Returns the activation call.
+ActCall check_output_backward_args(const char* op, const at::Tensor& grad_out,
+                                   const at::Tensor& y, const at::Tensor& mask,
+                                   const at::Tensor& scale, const at::Tensor& shift,
+                                   const at::Tensor& table, c10::string_view name,
+                                   c10::ArrayRef<double> params);
+
+// The inverse's floors for outputs stored in `storage` (see cpu/bn_act_output_kernels.h).
+struct InverseFloors {
+  double floor;
+  double log_floor;
+};
+InverseFloors inverse_floors(const ActCall& call, at::ScalarType storage);
+
+}  // namespace mishkit

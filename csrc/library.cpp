@@ -1,7 +1,8 @@
 // The mishkit op library: every schema, in this one TORCH_LIBRARY, and the Python module.
 //
-// Implementations register per device: cpu/act_cpu.cpp and cpu/bn_act_cpu.cpp (CPU),
-// cuda/act_cuda.cpp and cuda/bn_act_cuda.cpp (CUDA, built only with CUDA). Python registers the
+// Implementations register per device: cpu/act_cpu.cpp, cpu/bn_act_cpu.cpp and
+// cpu/bn_act_output_cpu.cpp (CPU), cuda/act_cuda.cpp, cuda/bn_act_cuda.cpp and
+// cuda/bn_act_output_cuda.cpp (CUDA, built only with CUDA). Python registers the
 // fake kernels and the autograd formulas (mishkit/backends/extension.py). Per-channel vectors of
 // the BatchNorm + activation ops are (C,) in the compute dtype. The in-place activation's
 // device-independent kernels (autograd rule, version counter) are here.
@@ -42,6 +43,18 @@ TORCH_LIBRARY(mishkit, m) {
   // CPU only: backward_reduce that also returns dz = grad_out * act'(z), for backward_elemt
   m.def("bn_act_backward_reduce_dz(Tensor grad_out, Tensor x, Tensor mean, Tensor scale, "
         "Tensor shift, str name, float[] params) -> (Tensor, Tensor, Tensor)");
+  // BatchNorm + activation saving only its output (contract: mishkit/batchnorm/output.py):
+  // y and the bit-packed branch mask; backward recovers z from them with the inverse table
+  m.def("bn_act_output_forward(Tensor x, Tensor mean, Tensor scale, Tensor shift, "
+        "Tensor? residual, float branch, str name, float[] params) -> (Tensor, Tensor)");
+  // (sum_dz, sum_dz_xmu, z): z is the recovered pre-activation kept for backward_elemt, or an
+  // empty tensor where the backend recomputes it there (cheaper than memory traffic on GPUs)
+  m.def("bn_act_output_backward_reduce(Tensor grad_out, Tensor y, Tensor mask, Tensor scale, "
+        "Tensor shift, Tensor? residual, Tensor table, str name, float[] params) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("bn_act_output_backward_elemt(Tensor grad_out, Tensor y, Tensor mask, Tensor z, "
+        "Tensor scale, Tensor shift, Tensor? residual, Tensor coef_xmu, Tensor coef_const, "
+        "Tensor table, str name, float[] params) -> (Tensor, Tensor)");
 }
 
 namespace mishkit {

@@ -89,8 +89,19 @@ class BnActKernels(NamedTuple):
     backward_reduce_dz: Callable | None = None
 
 
+class BnActOutputKernels(NamedTuple):
+    """One backend's three BatchNorm + activation kernels that save only the output (see
+    mishkit.batchnorm.output): ``forward -> (y, branch mask)``, ``backward_reduce`` and
+    ``backward_elemt`` recovering the pre-activation from ``y`` and the mask."""
+
+    forward: Callable
+    backward_reduce: Callable
+    backward_elemt: Callable
+
+
 class KernelSet(NamedTuple):
     """Everything a chosen backend runs: activation and BatchNorm + activation kernels."""
 
     act: ActKernels
     bn_act: BnActKernels
+    bn_act_output: BnActOutputKernels | None = None  # None: the backend saves inputs only

@@ -149,9 +149,9 @@ def conv_bn_act_stack(activation: Callable[[], nn.Module], widths=(32, 64, 128, 
 
 
 def mish_variants() -> dict[str, Callable[[nn.Module], nn.Module]]:
-    """Five ways to run Mish, applied to a model built with ``nn.ReLU(inplace=True)``: the ReLU
+    """Ways to run Mish, applied to a model built with ``nn.ReLU(inplace=True)``: the ReLU
     baseline itself, torch's nn.Mish, the naive formula, mishkit's Mish, and mishkit's Mish with
-    fused BatchNorm."""
+    fused BatchNorm saving its input (``fuse_bn=True``) or only its output (``"output"``)."""
 
     def replace_by(factory):
         def make(model):
@@ -168,4 +168,5 @@ def mish_variants() -> dict[str, Callable[[nn.Module], nn.Module]]:
         "naive_mish": replace_by(NaiveMish),
         "mishkit_mish": lambda model: convert(model, "mish"),
         "mishkit_mish_fuse_bn": lambda model: convert(model, "mish", fuse_bn=True),
+        "mishkit_mish_fuse_bn_output": lambda model: convert(model, "mish", fuse_bn="output"),
     }

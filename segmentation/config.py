@@ -101,9 +101,10 @@ DEFAULTS: dict[str, Any] = {
     },
     "EXPERIMENT": {
         "seeds": [0, 1, 2],
-        # name, activation; optional scope (all|encoder|decoder), fuse_bn, and data_seed: an
-        # offset added to the seed for the data order and training randomness only, the initial
-        # weights staying those of the seed (an A/A arm of the same network measures the floor).
+        # name, activation; optional scope (all|encoder|decoder), fuse_bn (bool, "input" or
+        # "output"), and data_seed: an offset added to the seed for the data order and training
+        # randomness only, the initial weights staying those of the seed (an A/A arm of the same
+        # network measures the floor).
         "arms": [
             {"name": "relu", "activation": "relu", "scope": "all", "fuse_bn": False},
             {"name": "mish-decoder", "activation": "mish", "scope": "decoder", "fuse_bn": False},
@@ -232,6 +233,8 @@ def _check_value(key: str, default: Any, value: Any, where: str) -> Any:
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
+        if key == "MODEL.fuse_bn" and value in FUSE_BN_SAVES:
+            return value
     elif isinstance(default, int):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -340,6 +343,15 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+FUSE_BN_SAVES = ("input", "output")  # fuse_bn may also name what the fused norms save
+
+
+def arm_fuse_bn(arm: Mapping[str, Any]) -> bool | str:
+    """An arm's ``fuse_bn``: False, True, or what the fused norms save ("input"/"output")."""
+    value = arm.get("fuse_bn", False)
+    return value if value in FUSE_BN_SAVES else bool(value)
+
+
 _ARM_KEYS = {"name": str, "activation": str, "scope": str, "fuse_bn": bool, "data_seed": int}
 
 
@@ -362,6 +374,8 @@ def validate_experiment(exp: Mapping[str, Any]) -> None:
             )
         for key, value in arm.items():
             kind = _ARM_KEYS[key]
+            if key == "fuse_bn" and value in FUSE_BN_SAVES:
+                continue
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise ConfigError(f"EXPERIMENT.arms[{i}].{key} must be {kind.__name__}, "
                                   f"got {value!r}")

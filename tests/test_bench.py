@@ -102,11 +102,13 @@ def test_unavailable_contenders_carry_the_backend_reason(tiny_run):
                for r in compile_rows)
 
 
-def test_memory_table_has_the_five_variants_in_order(tiny_run):
+def test_memory_table_has_the_variants_in_order(tiny_run):
+    from mishkit.memory import mish_variants
+
     _, records = tiny_run
     memory = [r for r in records if r["record"] == "memory"]
     assert memory[0]["variant"] == "relu_inplace"
-    assert len(memory) == 5
+    assert [r["variant"] for r in memory] == list(mish_variants())
     ok = {r["variant"]: r for r in memory if r["status"] == "ok"}
     base = ok["relu_inplace"]["saved_bytes"]
     for row in ok.values():
@@ -118,13 +120,16 @@ def test_memory_table_has_the_five_variants_in_order(tiny_run):
 def test_bn_act_rows_compare_against_bn_plus_native(tiny_run):
     _, records = tiny_run
     rows = {r["variant"]: r for r in records if r["record"] == "bn_act"}
-    assert set(rows) == {"bn+native", "bn+mishkit", "BatchNormAct2d"}
+    assert set(rows) == {"bn+native", "bn+mishkit", "BatchNormAct2d",
+                         "BatchNormAct2d(saves=output)"}
     base = rows["bn+native"]
     assert base["status"] == "ok" and base["speedup_vs_bn_native"] == pytest.approx(1.0)
     for row in rows.values():
         if row["status"] == "ok":
             assert row["speedup_vs_bn_native"] == pytest.approx(
                 base["time_ms_median"] / row["time_ms_median"])
+            assert row["time_ratio_vs_saves_input"] == pytest.approx(
+                row["time_ms_median"] / rows["BatchNormAct2d"]["time_ms_median"])
         else:
             assert row["reason"]
 
@@ -247,12 +252,23 @@ def test_compile_suite_rows_ratios_and_targets(tmp_path):
             row["saved_bytes"] / base["saved_bytes"])
         assert row["time_ratio_vs_eager_mishkit"] == pytest.approx(
             row["time_ms_median"] / eager["time_ms_median"])
-    # eager mishkit Mish saves only each activation's input: no more than nn.Mish
+    fused = rows["eager mishkit fuse_bn"]
+    for row in rows.values():
+        assert row["time_ratio_vs_eager_fuse_bn"] == pytest.approx(
+            row["time_ms_median"] / fused["time_ms_median"])
+    # eager mishkit Mish saves only each activation's input: no more than nn.Mish; fused BN
+    # saving only its output saves less than fused BN saving its input
     assert rows["eager mishkit"]["saved_bytes"] <= rows["eager native"]["saved_bytes"]
+    assert (rows["eager mishkit fuse_bn output"]["saved_bytes"]
+            < rows["eager mishkit fuse_bn"]["saved_bytes"])
     targets = {r["target"]: r for r in records if r["record"] == "target"}
     label = "conv-bn-act stack: eager mishkit fuse_bn time ≤ eager mishkit"
     ratio = rows["eager mishkit fuse_bn"]["time_ratio_vs_eager_mishkit"]
     assert targets[label]["value"] == pytest.approx(ratio)
     assert targets[label]["status"] == ("met" if ratio <= 1.0 else "not met")
+    label = "conv-bn-act stack: eager fuse_bn='output' fwd+bwd time ≤ 1.15× fuse_bn=True"
+    ratio = rows["eager mishkit fuse_bn output"]["time_ratio_vs_eager_fuse_bn"]
+    assert targets[label]["value"] == pytest.approx(ratio)
+    assert targets[label]["status"] == ("met" if ratio <= 1.15 else "not met")
     summary = (tmp_path / "summary.md").read_text()
     assert "## torch.compile (eager) vs eager" in summary and "compile mishkit fuse_bn" in summary

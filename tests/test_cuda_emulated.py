@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mishkit.backends import inversion, reference_output
 from mishkit.backends import reference as torch_backend
 from mishkit.registry import ACTIVATIONS
 
@@ -48,6 +49,13 @@ SIGNATURES = {
                                INT, PTR],
     "emu_bn_backward_elemt": [PTR, PTR, INT, I64, I64, I64, INT, PTR, PTR, PTR, PTR, PTR, PTR,
                               INT, PTR],
+    "emu_bn_output_forward": [PTR, PTR, INT, I64, I64, I64, INT, PTR, PTR, PTR, ctypes.c_double,
+                              PTR, PTR, INT, PTR],
+    "emu_bn_output_backward_reduce": [PTR, PTR, PTR, PTR, INT, I64, I64, I64, INT, PTR, PTR, PTR,
+                                      ctypes.c_double, ctypes.c_double, PTR, PTR, PTR, INT, PTR],
+    "emu_bn_output_backward_elemt": [PTR, PTR, PTR, PTR, INT, I64, I64, I64, INT, PTR, PTR, PTR,
+                                     PTR, PTR, PTR, ctypes.c_double, ctypes.c_double, PTR, PTR,
+                                     INT, PTR],
 }
 
 
@@ -301,3 +309,65 @@ def test_emulation_refuses_what_a_gpu_refuses(lib, monkeypatch):
     monkeypatch.setenv("MISHKIT_EMULATED_SMS", "0")
     x = torch.randn(64)
     assert lib.emu_act_forward(0, 0, ptr(x), ptr(x), 64, doubles([])) != 0
+
+
+OUTPUT_CASES = [((3, 5, 4, 7), "nchw", "mish", []), ((3, 16, 4, 7), "channels_last", "gelu", []),
+                ((2, 6, 2, 3, 4), "channels_last", "elu", [0.7]),
+                ((4, 6, 1, 1), "nchw", "silu", [])]
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("shape", "layout", "name", "params"), OUTPUT_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in OUTPUT_CASES])
+def test_output_saving_bn_kernels_match_the_torch_backend(lib, shape, layout, name, params,
+                                                          dtype, residual):
+    """saves="output": the forward's y and bit mask, and the backward that recovers z from them
+    (the inverse table read in the kernels), against mishkit.backends.reference_output."""
+    x = bn_input(shape, layout, dtype)
+    grad = bn_input(shape, layout, dtype, offset=0.0)
+    r = bn_input(shape, layout, dtype, offset=-0.5) * 0.5 if residual else None
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    channels = shape[1]
+    mean = torch.linspace(-0.5, 0.5, channels, dtype=compute)
+    scale = torch.linspace(0.5, 1.5, channels, dtype=compute) * torch.tensor([1.0, -1.0]).repeat(
+        channels)[:channels].to(compute)  # negative gammas flip the branch of x - mean
+    shift = torch.linspace(0.3, -0.3, channels, dtype=compute)
+    coef_xmu, coef_const = shift * 0.1, mean * 0.2
+    code, geo, act, p = DTYPE_CODES[dtype], geometry(x), NAMES.index(name), doubles(params)
+    branch = inversion.branch_point(name, tuple(params))
+    table = inversion.inverse_table(name, dtype, x.device)
+    floor, log_floor = inversion.saturation_floors(name, tuple(params), dtype)
+    y = torch.full_like(x, math.nan)
+    mask = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8)
+    assert lib.emu_bn_output_forward(ptr(x), ptr(r), code, *geo, ptr(mean), ptr(scale),
+                                     ptr(shift), branch, ptr(y), ptr(mask), act, p) == 0
+    ref = reference_output
+    y_ref, mask_ref = ref.bn_act_output_forward(x, mean, scale, shift, r, branch, name, params)
+    torch.testing.assert_close(y, y_ref, **BN_TOLERANCE[dtype])
+    if dtype == torch.float64:  # elsewhere a z next to the branch point may round either way
+        assert torch.equal(mask, mask_ref)
+    inv_scale = scale.reciprocal()
+    sums = (torch.empty_like(mean), torch.empty_like(mean))
+    work = torch.zeros(2 * channels, dtype=torch.float64)
+    table_ptr = ptr(table) if table.numel() else None
+    assert lib.emu_bn_output_backward_reduce(
+        ptr(grad), ptr(y_ref), ptr(mask_ref), ptr(r), code, *geo, ptr(inv_scale), ptr(shift),
+        table_ptr, floor, log_floor, ptr(sums[0]), ptr(sums[1]), ptr(work), act, p) == 0
+    want = ref.bn_act_output_backward_reduce(grad, y_ref, mask_ref, scale, shift, r, table, name,
+                                             params)
+    loose = {} if dtype == torch.float64 else {"rtol": 1e-3, "atol": 1e-2}
+    torch.testing.assert_close(sums, want[:2], **loose)
+    grad_x = torch.full_like(x, math.nan)
+    grad_r = torch.full_like(x, math.nan) if residual else None
+    assert lib.emu_bn_output_backward_elemt(
+        ptr(grad), ptr(y_ref), ptr(mask_ref), ptr(r), code, *geo, ptr(scale), ptr(inv_scale),
+        ptr(shift), ptr(coef_xmu), ptr(coef_const), table_ptr, floor, log_floor, ptr(grad_x),
+        ptr(grad_r), act, p) == 0
+    want_x, want_r = ref.bn_act_output_backward_elemt(grad, y_ref, mask_ref, scale.new_empty(0),
+                                                      scale, shift, r, coef_xmu, coef_const,
+                                                      table, name, params)
+    tol = BN_TOLERANCE[dtype] if dtype != torch.float32 else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(grad_x, want_x, **tol)
+    if residual:
+        torch.testing.assert_close(grad_r, want_r, **tol)

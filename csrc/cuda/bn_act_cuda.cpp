@@ -11,37 +11,15 @@
 #include <tuple>
 
 #include "checks.h"
-#include "cuda/bn_act_launch.h"
+#include "cuda/bn_act_glue.h"
 
 namespace mishkit {
 namespace {
 
-cuda::BnDType dtype_of(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kDouble: return cuda::BnDType::kDouble;
-    case at::kHalf: return cuda::BnDType::kHalf;
-    case at::kBFloat16: return cuda::BnDType::kBFloat16;
-    default: return cuda::BnDType::kFloat;  // check_input admits only the four float types
-  }
-}
-
-// check_bn_input admits NCHW-contiguous or channels-last (4-D or 5-D): not contiguous means the
-// channels are innermost.
-cuda::BnGeometry geometry_of(const at::Tensor& x) {
-  int64_t spatial = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) spatial *= x.size(d);
-  return {x.size(0), x.size(1), spatial, !x.is_contiguous()};
-}
-
-at::Tensor channel_vector(const at::Tensor& x) {
-  const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return at::empty({x.size(1)}, x.options().dtype(compute));
-}
-
-void check_launch(const char* op, cudaError_t error) {
-  TORCH_CHECK(error == cudaSuccess, op, ": CUDA kernel launch failed: ",
-              cudaGetErrorString(error));
-}
+using cuda::channel_vector;
+using cuda::check_launch;
+using cuda::dtype_of;
+using cuda::geometry_of;
 
 // The reductions' per-block partial results (from the caching allocator: no sync, no memset).
 at::Tensor workspace_for(const char* op, const at::Tensor& x) {

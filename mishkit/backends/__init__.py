@@ -18,13 +18,14 @@ import importlib
 import torch
 
 from .._checks import KernelSet
-from . import extension, reference
+from . import extension, reference, reference_output
 from .triton import interpret_mode
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
-_KERNELS: dict[str, KernelSet] = {"torch": reference.KERNELS}
+_KERNELS: dict[str, KernelSet] = {
+    "torch": reference.KERNELS._replace(bn_act_output=reference_output.KERNELS)}
 if extension.KERNELS is not None:
     _KERNELS["cpu"] = _KERNELS["cuda"] = extension.KERNELS
 _TRITON_ERROR: list[str | None] = []  # [] until the first load attempt, then [reason or None]
@@ -50,9 +51,10 @@ def _load_triton() -> str | None:
     try:
         act = importlib.import_module(".triton.act", __name__)
         bn_act = importlib.import_module(".triton.bn_act", __name__)
+        bn_act_output = importlib.import_module(".triton.bn_act_output", __name__)
     except Exception as exc:  # a broken triton install must not break mishkit
         return f"mishkit's Triton kernels failed to import: {type(exc).__name__}: {exc}"
-    _KERNELS["triton"] = KernelSet(act.KERNELS, bn_act.KERNELS)
+    _KERNELS["triton"] = KernelSet(act.KERNELS, bn_act.KERNELS, bn_act_output.KERNELS)
     return None
 
 

@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from .._checks import ActKernels, BnActKernels, KernelSet, compute_dtype
+from .._checks import ActKernels, BnActKernels, BnActOutputKernels, KernelSet, compute_dtype
 from .autograd import register_op_autograd
 
 
@@ -113,3 +113,35 @@ if MODULE is not None:
     register_bn_act_fakes("mishkit::bn_act_")
     _register_cpu_bn_act_fakes()
     KERNELS = _kernel_set()
+
+
+def register_bn_act_output_fakes(prefix: str) -> None:
+    """Fake kernels for one backend's three output-saving BN+act ops (``prefix + "forward"``...)."""
+
+    def channel_vector(x):
+        return x.new_empty(x.shape[1], dtype=compute_dtype(x.dtype))
+
+    @torch.library.register_fake(prefix + "forward")
+    def _(x, mean, scale, shift, residual, branch, name, params):
+        return torch.empty_like(x), x.new_empty((x.numel() + 7) // 8, dtype=torch.uint8)
+
+    @torch.library.register_fake(prefix + "backward_reduce")
+    def _(grad_out, y, mask, scale, shift, residual, table, name, params):
+        # the CPU kernels keep the recovered z for backward_elemt, the CUDA ones recompute it
+        compute = compute_dtype(y.dtype)
+        z = (torch.empty_like(y, dtype=compute) if y.device.type == "cpu"
+             else y.new_empty(0, dtype=compute))
+        return channel_vector(y), channel_vector(y), z
+
+    @torch.library.register_fake(prefix + "backward_elemt")
+    def _(grad_out, y, mask, z, scale, shift, residual, coef_xmu, coef_const, table, name,
+          params):
+        grad_residual = torch.empty_like(y) if residual is not None else y.new_empty(0)
+        return torch.empty_like(y), grad_residual
+
+
+if MODULE is not None:
+    register_bn_act_output_fakes("mishkit::bn_act_output_")
+    KERNELS = KERNELS._replace(bn_act_output=BnActOutputKernels(
+        torch.ops.mishkit.bn_act_output_forward, torch.ops.mishkit.bn_act_output_backward_reduce,
+        torch.ops.mishkit.bn_act_output_backward_elemt))

@@ -1,8 +1,9 @@
 """Fused BatchNorm + activation: ``BatchNormAct2d``, ``SyncBatchNormAct2d``, ``batch_norm_act``.
 
 Layers inside, top to bottom: ``modules`` (nn.Module drop-ins for BatchNorm2d + activation) →
-``functional`` (validation, backend choice) → ``residual`` / ``autograd`` (the shared autograd over
-a backend's four kernels) → ``distributed`` (SyncBN reductions).
+``functional`` (validation, backend choice) → ``residual`` / ``output`` (saving only the output)
+/ ``autograd`` (the shared autograd over a backend's four kernels) → ``distributed`` (SyncBN
+reductions).
 """
 
 from .functional import batch_norm_act

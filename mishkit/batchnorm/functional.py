@@ -37,24 +37,27 @@ from __future__ import annotations
 import torch
 
 from .. import backends, ops
-from .._checks import check_input, dense_format
+from .._checks import check_input, dense_format, match_layout
 from ..registry import get_spec
 from . import lowering
 from .autograd import BatchNormActFunction
+from .output import BatchNormActOutputFunction, check_invertible, check_saves, saves_output
 from .residual import BatchNormAddActFunction, check_residual
 
 
 def batch_norm_act(x, running_mean, running_var, weight, bias, use_batch_stats: bool,
                    momentum: float, eps: float, name: str, params: tuple, backend: str = "auto",
-                   process_group=None, residual: torch.Tensor | None = None) -> torch.Tensor:
+                   process_group=None, residual: torch.Tensor | None = None,
+                   saves: str = "input") -> torch.Tensor:
     """``act(batch_norm(x, ...) [+ residual])`` fused; arguments as ``F.batch_norm`` + activation.
 
     ``x`` is ``(N, C, *)``. Contiguous, channels_last and channels_last_3d tensors are used as
     they are; any other strides are copied once to contiguous. ``process_group`` (training
     only) all-reduces the statistics like ``torch.nn.SyncBatchNorm``. ``residual`` (x's shape,
-    dtype and device, any strides) is added before the activation (:mod:`.residual`). Under
-    ``torch.compile``, ``backend="auto"`` runs the same computation as plain torch ops
-    (:mod:`.lowering`).
+    dtype and device, any strides) is added before the activation (:mod:`.residual`).
+    ``saves="output"`` saves the output instead of the input for backward (:mod:`.output`).
+    Under ``torch.compile``, ``backend="auto"`` runs the same computation as plain torch ops
+    (:mod:`.lowering`), and what is saved is the compiler's choice, whatever ``saves`` says.
     """
     op = f"batch_norm_act({name})"
     check_input(x, op)
@@ -72,6 +75,8 @@ def batch_norm_act(x, running_mean, running_var, weight, bias, use_batch_stats: 
         raise ValueError(f"mishkit.{op}: running statistics are required without batch stats")
     spec = get_spec(name)  # canonical name (the compiled kernels take no aliases)
     params = spec.bind(tuple(params), {})
+    if check_saves(saves, f"mishkit.{op}") == "output":
+        check_invertible(spec.name, params, f"mishkit.{op}")
     if ops.lowered(backend):
         if residual is not None:
             check_residual(residual, x, op)
@@ -82,6 +87,13 @@ def batch_norm_act(x, running_mean, running_var, weight, bias, use_batch_stats: 
     x = x.contiguous(memory_format=dense_format(x))
     if residual is not None:
         check_residual(residual, x, op)
+    if saves == "output" and saves_output(x, weight, bias, residual, op):
+        if residual is not None:
+            residual = match_layout(residual, x)  # the kernels index both alike
+        return BatchNormActOutputFunction.apply(x, residual, weight, bias, running_mean,
+                                                running_var, use_batch_stats, momentum, eps,
+                                                spec.name, params, chosen, process_group)
+    if residual is not None:
         return BatchNormAddActFunction.apply(x, residual, weight, bias, running_mean, running_var,
                                              use_batch_stats, momentum, eps, spec.name, params,
                                              chosen, process_group)

@@ -2,7 +2,8 @@
 
 Drop-in for ``nn.BatchNorm2d`` (+ activation): the same parameters, buffers and state_dict keys,
 the same momentum / eps / affine / track_running_stats semantics. Training saves only the input and
-per-channel statistics for backward; eval is one fused elementwise pass. Not twice differentiable.
+per-channel statistics for backward (``saves="output"``: only the output, a branch bit per element
+and the statistics); eval is one fused elementwise pass. Not twice differentiable.
 ``forward(x, residual)`` computes ``act(bn(x) + residual)``, saving only x and the residual.
 """
 
@@ -15,6 +16,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from .. import backends
 from ..registry import get_spec
 from .functional import batch_norm_act
+from .output import check_invertible, check_saves
 
 # Module hook dictionaries shared (not copied) when one module takes another's place, so handles
 # registered on the old module keep working.
@@ -40,19 +42,28 @@ class BatchNormAct2d(_NormBase):
             (``momentum=None`` is the cumulative moving average).
         activation: any name or alias in ``mishkit.ACTIVATIONS``.
         backend: ``"auto" | "cuda" | "triton" | "cpu" | "torch"``.
+        saves: what training keeps for backward: ``"input"`` (x and per-channel statistics) or
+            ``"output"`` (y, one branch bit per element and the statistics; y is what the next
+            layer saves anyway). ``"output"`` needs an invertible activation (not relu,
+            hardswish, hardmish); see :mod:`mishkit.batchnorm.output`.
         **activation_params: the activation's parameters, e.g. ``negative_slope=0.1``.
     """
+
+    saves = "input"  # class default: modules pickled before ``saves`` existed
 
     def __init__(self, num_features: int, activation: str = "mish", eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *,
-                 backend: str = "auto", **activation_params):
+                 backend: str = "auto", saves: str = "input", **activation_params):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         backends.check_backend_name(backend, type(self).__name__)
         spec = get_spec(activation)
         self.activation = spec.name
         self.activation_params = spec.bind((), activation_params)
         self.backend = backend
+        if check_saves(saves, type(self).__name__) == "output":
+            check_invertible(spec.name, self.activation_params, type(self).__name__)
+        self.saves = saves
 
     def _check_input_dim(self, x):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -92,13 +103,15 @@ class BatchNormAct2d(_NormBase):
         return batch_norm_act(x, running_mean, running_var, self.weight, self.bias,
                               use_batch_stats, factor, self.eps, self.activation,
                               self.activation_params, self.backend,
-                              process_group=self._sync_group(use_batch_stats), residual=residual)
+                              process_group=self._sync_group(use_batch_stats), residual=residual,
+                              saves=self.saves)
 
     def extra_repr(self) -> str:
         spec = get_spec(self.activation)
         params = "".join(f", {k}={v}" for k, v in spec.kwargs(self.activation_params).items())
+        saves = ", saves=output" if self.saves == "output" else ""
         return (f"{super().extra_repr()}, activation={self.activation}{params}, "
-                f"backend={self.backend}")
+                f"backend={self.backend}{saves}")
 
     # -- conversion -------------------------------------------------------------------------------
 
@@ -115,13 +128,13 @@ class BatchNormAct2d(_NormBase):
 
     @classmethod
     def from_batchnorm(cls, bn: nn.BatchNorm2d, activation: str, params: tuple = (),
-                       backend: str = "auto") -> BatchNormAct2d:
+                       backend: str = "auto", saves: str = "input") -> BatchNormAct2d:
         """A BatchNormAct2d that shares ``bn``'s parameter and buffer objects."""
         if not isinstance(bn, nn.BatchNorm2d):
             raise TypeError(f"from_batchnorm expects nn.BatchNorm2d, got {type(bn).__name__}")
         spec = get_spec(activation)
         module = cls(bn.num_features, spec.name, bn.eps, bn.momentum, bn.affine,
-                     bn.track_running_stats, device="meta", backend=backend,
+                     bn.track_running_stats, device="meta", backend=backend, saves=saves,
                      **spec.kwargs(spec.bind(tuple(params), {})))
         module._adopt(bn)
         return module
@@ -150,9 +163,9 @@ class SyncBatchNormAct2d(BatchNormAct2d):
     def __init__(self, num_features: int, activation: str = "mish", eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
-                 backend: str = "auto", **activation_params):
+                 backend: str = "auto", saves: str = "input", **activation_params):
         super().__init__(num_features, activation, eps, momentum, affine, track_running_stats,
-                         device, dtype, backend=backend, **activation_params)
+                         device, dtype, backend=backend, saves=saves, **activation_params)
         self.process_group = process_group
 
     def _sync_group(self, use_batch_stats: bool):
@@ -166,7 +179,7 @@ class SyncBatchNormAct2d(BatchNormAct2d):
 
     @classmethod
     def from_sync_batchnorm(cls, bn: nn.SyncBatchNorm, activation: str, params: tuple = (),
-                            backend: str = "auto") -> SyncBatchNormAct2d:
+                            backend: str = "auto", saves: str = "input") -> SyncBatchNormAct2d:
         if not isinstance(bn, nn.SyncBatchNorm):
             raise TypeError(
                 f"from_sync_batchnorm expects nn.SyncBatchNorm, got {type(bn).__name__}"
@@ -174,7 +187,7 @@ class SyncBatchNormAct2d(BatchNormAct2d):
         spec = get_spec(activation)
         module = cls(bn.num_features, spec.name, bn.eps, bn.momentum, bn.affine,
                      bn.track_running_stats, bn.process_group, device="meta", backend=backend,
-                     **spec.kwargs(spec.bind(tuple(params), {})))
+                     saves=saves, **spec.kwargs(spec.bind(tuple(params), {})))
         module._adopt(bn)
         return module
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import backends
+from ..backends.inversion import invertibility_error
 from ..nn import Activation
 from ..registry import get_spec
 from . import fusion, fx, native, runtime
@@ -113,7 +114,7 @@ def _validate(model, replace, backend, functional) -> Replace:
 
 
 def convert(model: nn.Module, activation, *, replace=DEFAULT_REPLACE, include=None, exclude=None,
-            functional: bool | str = False, fuse_bn: bool = False, strict: bool = False,
+            functional: bool | str = False, fuse_bn: bool | str = False, strict: bool = False,
             backend: str = "auto", report: bool = False, **params):
     """Replace ``model``'s activations by ``activation`` (a registry name, alias, or ``"native"``).
 
@@ -131,22 +132,44 @@ def convert(model: nn.Module, activation, *, replace=DEFAULT_REPLACE, include=No
       routes every forward that calls them, without tracing.
     - ``fuse_bn``: BatchNorm2d / SyncBatchNorm followed by an activation -> (Sync)BatchNormAct2d
       (see :mod:`.fusion`: Sequentials, traced forwards, residual ends, across modules, timm).
+      ``fuse_bn="output"`` makes them ``saves="output"`` (they keep only their output for
+      backward; pairs whose activation cannot be inverted keep ``saves="input"``, reported in
+      ``skipped``); ``True`` / ``"input"`` save the input.
     - ``strict``: raise UntraceableModuleError (changing nothing traced) when a forward that
       ``functional`` or ``fuse_bn`` needs cannot be traced, instead of reporting or routing it.
     - ``"native"``: mishkit modules, fused norms and rewritten calls back to plain torch.
     """
     replace = _validate(model, replace, backend, functional)
     name, bound = _resolve(activation, params)
+    saves = _fuse_saves(fuse_bn, name, bound)
     scope, result = Scope(include, exclude), ConversionReport()
     if name == NATIVE:
         native.to_native(model, scope, result)
     else:
         swap_modules(model, replace, name, bound, backend, scope, result)
-        if functional is not False or fuse_bn:
-            _Rewrite(model, replace, name, bound, backend, scope, result, functional, fuse_bn,
+        if functional is not False or saves is not None:
+            _Rewrite(model, replace, name, bound, backend, scope, result, functional, saves,
                      strict).run()
     _warn(result, name)
     return (model, result) if report else model
+
+
+def _fuse_saves(fuse_bn, name: str, params: tuple) -> str | None:
+    """What fused norms save ("input" / "output"), or None without fusion."""
+    if not (isinstance(fuse_bn, bool) or fuse_bn in ("input", "output")):
+        raise ValueError(f"convert: fuse_bn must be True, False, 'input' or 'output', got "
+                         f"{fuse_bn!r}")
+    if not fuse_bn:
+        return None
+    saves = "output" if fuse_bn == "output" else "input"
+    if saves == "output" and name != NATIVE:
+        reason = invertibility_error(name, params)
+        if reason is not None:
+            raise ValueError(
+                f"convert: fuse_bn='output' saves only the activation's output, but {name!r} "
+                f"cannot be inverted ({reason}); use fuse_bn=True, which saves the BatchNorm input"
+            )
+    return saves
 
 
 def _warn(result: ConversionReport, name: str) -> None:
@@ -167,20 +190,22 @@ def _warn(result: ConversionReport, name: str) -> None:
 class _Rewrite:
     """The functional / fuse_bn half of convert: trace, then rewrite, fuse and route."""
 
-    def __init__(self, model, replace, name, bound, backend, scope, result, functional, fuse_bn,
+    def __init__(self, model, replace, name, bound, backend, scope, result, functional, saves,
                  strict):
         self.model, self.replace, self.name, self.bound = model, replace, name, bound
         self.backend, self.scope, self.result = backend, scope, result
-        self.functional, self.fuse_bn, self.strict = functional, fuse_bn, strict
+        self.functional, self.strict = functional, strict
+        self.saves = saves  # what fused norms save; None: no fusion
         self.graphs = fx.Graphs()
 
     def run(self) -> None:
         routes = self._trace_all()
-        if self.fuse_bn:
-            fusion.fuse_sequentials(self.model, self.backend, self.scope, self.result)
-            fusion.fuse_norm_acts(self.model, self.backend, self.scope, self.result)
-        across = fusion.CrossBoundary(self.model, self.graphs, self.backend, self.scope,
-                                        self.result)
+        if self.saves:
+            fusion.fuse_sequentials(self.model, self.backend, self.saves, self.scope,
+                                    self.result)
+            fusion.fuse_norm_acts(self.model, self.backend, self.saves, self.scope, self.result)
+        across = fusion.CrossBoundary(self.model, self.graphs, self.backend, self.saves,
+                                      self.scope, self.result)
         for path, (module, graph) in list(self.graphs.traced.items()):
             if self._rewrite(module, path, graph, across):
                 self.graphs.dirty.add(path)
@@ -208,7 +233,7 @@ class _Rewrite:
             installed = isinstance(module.__dict__.get("forward"), fx.RewrittenForward)
             references = (runtime.activation_references(module, self.replace.covers_class)
                           if self.functional is not False else [])
-            if self.functional == "runtime" and not installed and not self.fuse_bn:
+            if self.functional == "runtime" and not installed and not self.saves:
                 if references:
                     routes.append((path, module, references))
                 continue
@@ -216,7 +241,7 @@ class _Rewrite:
                 self.graphs.add(path, module, fx.module_graph(module, path))
             except UntraceableModuleError as exc:
                 norms = ([n for n, c in module.named_children() if fusion.fusable(c)]
-                         if self.fuse_bn else [])
+                         if self.saves else [])
                 if self.strict and (references or norms):
                     raise UntraceableModuleError(
                         f"{exc}. strict=True: nothing was rewritten or routed (module-level "
@@ -257,9 +282,12 @@ class _Rewrite:
                      f"mishkit.functional.activation({self.name!r})", "functional"))
             self.result.skipped += [(f"{path}:{d}", reason) for d, reason in skipped]
             changed = bool(done)
-        if self.fuse_bn and not isinstance(module, nn.Sequential):
-            fuser = fusion.GraphFuser(module, path, self.backend, self.result)
+        if self.saves and not isinstance(module, nn.Sequential):
+            fuser = fusion.GraphFuser(module, path, self.backend, self.saves, self.result)
             done, skipped = fx.fuse_bn(module, graph, fuser, fusion.fusable)
             self.result.skipped += [(join(path, t), reason) for t, reason in skipped]
             changed = across(module, path, graph) or bool(done) or changed
+            if self.saves == "output":
+                fusion.shortcut_norms_save_output(module, graph, path, self.backend, self.scope,
+                                                  self.result)
         return changed

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from ..backends.inversion import invertibility_error
 from ..batchnorm import BatchNormAct2d
 from ..batchnorm.modules import HOOK_DICTS
 from ..nn import Activation, get_activation
@@ -111,15 +112,27 @@ def has_hooks(module: nn.Module) -> bool:
                for attr in _HOOKS for hook in getattr(module, attr, {}).values())
 
 
+# leaky_relu(z, 1) == z exactly: a BatchNormAct2d with it is a plain BatchNorm (saving its output)
+IDENTITY_ACT = ("leaky_relu", (1.0,))
+
+
 def retarget_fused(model, name, bound, backend, scope, result) -> None:
-    """A fused BN+act is one of mishkit's own activation modules: give it the new activation."""
+    """A fused BN+act is one of mishkit's own activation modules: give it the new activation
+    (not a shortcut norm's identity; a saves="output" module that cannot invert the new one
+    saves its input from then on)."""
     for path, module in model.named_modules():
         if not isinstance(module, BatchNormAct2d) or not scope(path):
+            continue
+        if (module.activation, module.activation_params) == IDENTITY_ACT:
             continue
         if (module.activation, module.activation_params, module.backend) == (name, bound, backend):
             continue
         old = repr(module)
         module.activation, module.activation_params, module.backend = name, bound, backend
+        if module.saves == "output" and (reason := invertibility_error(name, bound)) is not None:
+            module.saves = "input"
+            result.skipped.append((path, f"{name} cannot be inverted ({reason}): now "
+                                         "saves='input'"))
         result.replaced.append((path, old, repr(module), "fused_bn"))
 
 

@@ -9,7 +9,7 @@ from ..batchnorm import BatchNormAct2d
 from ..nn import Activation, to_torch
 from . import fx, runtime
 from .fusion import ORIGINAL
-from .modules import OUTSIDE_SCOPE, adopt, children
+from .modules import IDENTITY_ACT, OUTSIDE_SCOPE, adopt, children
 
 
 def to_native(model, scope, result) -> None:
@@ -91,6 +91,10 @@ def _unfuse(model, scope, result) -> None:
             result.skipped.append((path, str(exc)))
             continue
         norm = _restored_norm(child)
+        if (name, params) == IDENTITY_ACT and norm._modules.get("act") is None:
+            setattr(parent, slot, norm)  # a shortcut norm saving its output: a plain norm again
+            result.replaced.append((path, type(child).__name__, type(norm).__name__, "fused_bn"))
+            continue
         own_act = norm._modules.get("act")  # a third-party norm-act module's activation slot
         callers = list(_callers(model, child))
         keys = list(parent._modules)

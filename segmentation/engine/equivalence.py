@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Config
+from ..config import Config, arm_fuse_bn
 from ..models import build_model
 from .builders import model_kwargs
 
@@ -26,7 +26,7 @@ _PROBE_SCALE = 10.0  # inputs well beyond ReLU6's clipping point
 def _arm_model(cfg: Config, arm: dict) -> torch.nn.Module:
     kwargs = model_kwargs(cfg)
     kwargs.update(activation=arm["activation"], scope=arm.get("scope", "all"),
-                  fuse_bn=bool(arm.get("fuse_bn", False)), weights_encoder=None,
+                  fuse_bn=arm_fuse_bn(arm), weights_encoder=None,
                   weights_decoder=None)
     torch.manual_seed(0)
     return build_model(**kwargs).to(torch.float64).eval()

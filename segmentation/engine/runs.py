@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, arm_fuse_bn
 from .checkpoint import atomic_save
 from .distributed import DistContext, barrier
 from .logging import read_metrics, setup_logging
@@ -75,7 +75,7 @@ def _network_config(cfg: Config, spec: RunSpec, out: Path) -> Config:
     run = Config(cfg.to_dict())
     run.MODEL.activation = arm["activation"]
     run.MODEL.activation_scope = arm.get("scope", "all")
-    run.MODEL.fuse_bn = bool(arm.get("fuse_bn", False))
+    run.MODEL.fuse_bn = arm_fuse_bn(arm)
     run.TRAIN.seed = spec.seed
     if spec.lr_scale is not None:
         run.TRAIN.lr_encoder = cfg.TRAIN.lr_encoder * spec.lr_scale

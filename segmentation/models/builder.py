@@ -99,7 +99,8 @@ def build_decoder(
     return decoder
 
 
-def _convert_activations(model: SegmentationModel, activation: str, scope: str, fuse_bn: bool):
+def _convert_activations(model: SegmentationModel, activation: str, scope: str,
+                         fuse_bn: bool | str):
     include = lookup(SCOPES, scope, "scope")
     if isinstance(activation, str) and activation.strip().lower() == "relu" and not fuse_bn:
         return None  # the models are built with their reference activations already
@@ -118,7 +119,7 @@ def build_model(
     fc_dim: int | None = None,
     activation: str = "relu",
     scope: str = "all",
-    fuse_bn: bool = False,
+    fuse_bn: bool | str = False,
     sync_bn: bool = False,
     weights_encoder: WeightsSource = None,
     weights_decoder: WeightsSource = None,
@@ -130,6 +131,7 @@ def build_model(
     "decoder"); its report is kept as ``model.conversion_report``. ``sync_bn`` turns every
     BatchNorm into SyncBatchNorm first. Weights (path, URL, state dict; "imagenet" for the
     encoder) are loaded last and strictly, so they prove the converted model keeps the keys.
+    ``fuse_bn="output"`` fuses saving only the outputs (``BatchNormAct2d(saves="output")``).
     """
     enc = lookup(ENCODERS, encoder, "encoder")()
     lookup(DECODERS, decoder, "decoder")

@@ -23,6 +23,7 @@
 #define __host__
 #define __launch_bounds__(...)
 
+#include <atomic>
 #include <barrier>
 #include <cstdlib>
 #include <thread>
@@ -73,6 +74,11 @@ void run(dim3 grid, dim3 block, const Body& body) {
 #define gridDim (::mishkit_emulation::grid_dim)
 
 inline void __syncthreads() { mishkit_emulation::block_barrier->arrive_and_wait(); }
+
+// The blocks run one after another, but a block's threads run at once.
+inline double atomicAdd(double* address, double value) {
+  return std::atomic_ref<double>(*address).fetch_add(value);
+}
 
 namespace mishkit::cuda {
 

@@ -4,6 +4,7 @@
 
 #include "cuda/act_launch.h"
 #include "cuda/bn_act_launch.h"
+#include "cuda/bn_act_output_launch.h"
 
 using mishkit::cuda::BnDType;
 using mishkit::cuda::BnGeometry;
@@ -66,6 +67,40 @@ int emu_bn_backward_elemt(const void* grad_out, const void* x, int dtype, int64_
   return mishkit::cuda::launch_bn_act_backward_elemt(
       grad_out, x, static_cast<BnDType>(dtype), geometry(n, c, s, channels_last), mean, scale,
       shift, coef_xmu, coef_const, grad_x, act, params, nullptr);
+}
+
+int emu_bn_output_forward(const void* x, const void* residual, int dtype, int64_t n, int64_t c,
+                          int64_t s, int channels_last, const void* mean, const void* scale,
+                          const void* shift, double branch, void* y, uint8_t* mask, int act,
+                          const double* params) {
+  return mishkit::cuda::launch_bn_act_output_forward(
+      x, residual, static_cast<BnDType>(dtype), geometry(n, c, s, channels_last), mean, scale,
+      shift, branch, y, mask, act, params, nullptr);
+}
+
+int emu_bn_output_backward_reduce(const void* grad_out, const void* y, const uint8_t* mask,
+                                  const void* residual, int dtype, int64_t n, int64_t c,
+                                  int64_t s, int channels_last, const void* inv_scale,
+                                  const void* shift, const void* table, double floor,
+                                  double log_floor, void* sum_dz, void* sum_dz_xmu,
+                                  double* workspace, int act, const double* params) {
+  return mishkit::cuda::launch_bn_act_output_backward_reduce(
+      grad_out, y, mask, residual, static_cast<BnDType>(dtype), geometry(n, c, s, channels_last),
+      inv_scale, shift, {table, floor, log_floor}, sum_dz, sum_dz_xmu, workspace, act, params,
+      nullptr);
+}
+
+int emu_bn_output_backward_elemt(const void* grad_out, const void* y, const uint8_t* mask,
+                                 const void* residual, int dtype, int64_t n, int64_t c,
+                                 int64_t s, int channels_last, const void* scale,
+                                 const void* inv_scale, const void* shift, const void* coef_xmu,
+                                 const void* coef_const, const void* table, double floor,
+                                 double log_floor, void* grad_x, void* grad_residual, int act,
+                                 const double* params) {
+  return mishkit::cuda::launch_bn_act_output_backward_elemt(
+      grad_out, y, mask, nullptr, residual, static_cast<BnDType>(dtype),
+      geometry(n, c, s, channels_last), scale, inv_scale, shift, coef_xmu, coef_const,
+      {table, floor, log_floor}, grad_x, grad_residual, act, params, nullptr);
 }
 
 }  // extern "C"

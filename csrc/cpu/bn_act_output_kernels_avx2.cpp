@@ -1,0 +1,16 @@
+// AVX2 + FMA + F16C build of the output-saving BatchNorm + activation CPU loops, used when the
+// activation kernels run their AVX2 table (see cpu/act_kernels_avx2.cpp and cpu/isa_prelude.h).
+#include "cpu/isa_prelude.h"
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#include "cpu/sleef_avx2_decls.h"
+#include "cpu/bn_act_output_kernels_impl.h"
+#pragma GCC pop_options
+#else
+#define CPU_CAPABILITY AVX2
+#include "cpu/bn_act_output_kernels_impl.h"
+#endif
