@@ -79,6 +79,24 @@ def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def parse_networks(text: str) -> list[tuple[str, int, int]]:
+    """``resnet:2:512,stack:4:64``: (network, batch, image size) per compiled network."""
+    short = {"resnet": SEGMENTATION, "stack": STACK}
+    networks = []
+    for item in _csv(text):
+        name, _, rest = item.partition(":")
+        try:
+            batch, size = (int(v) for v in rest.split(":"))
+        except ValueError:
+            batch = size = None
+        if name not in short or batch is None or batch < 1 or size < 1:
+            raise argparse.ArgumentTypeError(
+                f"--compile-networks expects NAME:BATCH:SIZE items with NAME in {sorted(short)}, "
+                f"e.g. resnet:2:512, got {item!r}")
+        networks.append((short[name], batch, size))
+    return networks
+
+
 def parse_sizes(text: str) -> list[int]:
     """``12:24:2`` (inclusive range of log2 sizes) or ``12,16,22``."""
     try:
@@ -112,6 +130,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-backend",
                         help="torch.compile backend of the compile suite (default: the preset's, "
                         "inductor except in --smoke)")
+    parser.add_argument("--compile-networks", type=parse_networks,
+                        help="networks of the compile suite as NAME:BATCH:SIZE, NAME resnet or "
+                        "stack (default: the preset's), e.g. resnet:2:512")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
         "memory": lambda: run_network(NetworkConfig(*preset.memory, time_it=False), device,
                                       timing, "memory", log),
         "compile": lambda: run_compiled_networks(
-            CompileConfig(preset.compile_networks, args.compile_backend or preset.compile_backend,
+            CompileConfig(tuple(args.compile_networks or preset.compile_networks),
+                          args.compile_backend or preset.compile_backend,
                           preset.compile_min_run_s),
             device, timing, log),
     }

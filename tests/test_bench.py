@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from benchmarks import contenders, layers, report, timing
 from benchmarks.kernel import KernelGrid, run_kernel_grid
-from benchmarks.run import main, parse_sizes
+from benchmarks.run import main, parse_networks, parse_sizes
 from mishkit import backends
 from mishkit.__main__ import main as mishkit_main
 from mishkit.registry import get_spec
@@ -188,6 +188,12 @@ def test_parse_sizes_and_bad_cli_input(tmp_path, capsys):
         main(["--smoke", "--out", str(tmp_path), "--contenders", "fastest"])
     with pytest.raises(SystemExit, match="unknown suite"):
         main(["--smoke", "--out", str(tmp_path), "--suites", "everything"])
+    assert parse_networks("resnet:2:512, stack:4:64") == [
+        ("resnet50dilated+ppm_deepsup", 2, 512), ("conv-bn-act stack", 4, 64)]
+    for bad in ("resnet:2", "vgg:2:64", "stack:0:64", "stack:two:64"):
+        with pytest.raises(SystemExit):
+            main(["--compile-networks", bad])
+        assert "--compile-networks expects NAME:BATCH:SIZE" in capsys.readouterr().err
 
 
 def test_cases_run_the_first_patterns_first():
