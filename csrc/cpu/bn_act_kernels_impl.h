@@ -19,6 +19,7 @@
 
 #include "activations.h"
 #include "cpu/bn_act_kernels.h"
+#include "cpu/vec_io.h"
 #include "cpu/vec_math.h"
 
 #ifndef CPU_CAPABILITY
@@ -39,29 +40,6 @@ inline Geometry geometry_of(const at::Tensor& x) {
   int64_t spatial = 1;
   for (int64_t d = 2; d < x.dim(); ++d) spatial *= x.size(d);
   return {x.size(0), x.size(1), spatial, !x.is_contiguous()};
-}
-
-// Load / store Vectorized<acc_t>::size() elements of scalar_t as acc_t (half types widen).
-template <class acc_t, class scalar_t>
-inline Vectorized<acc_t> load(const scalar_t* p) {
-  if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    return Vectorized<acc_t>::loadu(p);
-  } else {
-    alignas(64) acc_t buffer[Vectorized<acc_t>::size()];
-    for (int k = 0; k < Vectorized<acc_t>::size(); ++k) buffer[k] = static_cast<acc_t>(p[k]);
-    return Vectorized<acc_t>::loadu(buffer);
-  }
-}
-
-template <class acc_t, class scalar_t>
-inline void store(scalar_t* p, const Vectorized<acc_t>& v) {
-  if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    v.store(p);
-  } else {
-    alignas(64) acc_t buffer[Vectorized<acc_t>::size()];
-    v.store(buffer);
-    for (int k = 0; k < Vectorized<acc_t>::size(); ++k) p[k] = static_cast<scalar_t>(buffer[k]);
-  }
 }
 
 // The per-element formulas, for scalars (M = ScalarMath) and vectors (M = VecMath) alike.

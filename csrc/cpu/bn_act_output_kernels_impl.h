@@ -23,6 +23,7 @@
 #include "activations.h"
 #include "cpu/bn_act_output_kernels.h"
 #include "cpu/inverse_vec_math.h"
+#include "cpu/vec_io.h"
 #include "cpu/vec_math.h"
 #include "inverse.h"
 
@@ -83,28 +84,6 @@ inline void for_each_chunk(int64_t numel, Fn&& fn) {
       fn(chunk * kChunk, std::min(numel, (chunk + 1) * kChunk));
     }
   });
-}
-
-template <class acc_t, class scalar_t>
-inline Vectorized<acc_t> load(const scalar_t* p) {
-  if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    return Vectorized<acc_t>::loadu(p);
-  } else {
-    alignas(64) acc_t buffer[Vectorized<acc_t>::size()];
-    for (int k = 0; k < Vectorized<acc_t>::size(); ++k) buffer[k] = static_cast<acc_t>(p[k]);
-    return Vectorized<acc_t>::loadu(buffer);
-  }
-}
-
-template <class acc_t, class scalar_t>
-inline void store(scalar_t* p, const Vectorized<acc_t>& v) {
-  if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    v.store(p);
-  } else {
-    alignas(64) acc_t buffer[Vectorized<acc_t>::size()];
-    v.store(buffer);
-    for (int k = 0; k < Vectorized<acc_t>::size(); ++k) p[k] = static_cast<scalar_t>(buffer[k]);
-  }
 }
 
 // A per-channel value at channel c: one broadcast (a run of one channel) or a vector load.

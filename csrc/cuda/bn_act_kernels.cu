@@ -20,6 +20,7 @@
 
 #include "activations.h"
 #include "cuda/bn_act_launch.h"
+#include "cuda/bn_act_common.cuh"
 #include "cuda/kernel_common.cuh"
 
 namespace mishkit::cuda {
@@ -27,11 +28,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWaves = 2;
-
-template <class A>
-act::Params<A> params_of(const double* params) {
-  return {static_cast<A>(params[0]), static_cast<A>(params[1])};
-}
 
 // -- per-channel maps -------------------------------------------------------------------------
 
@@ -623,18 +619,6 @@ cudaError_t run_reduce(BnDType dtype, const BnGeometry& g, Inputs<T, R1::kInputs
 
 unsigned finalize_blocks(int64_t channels) {
   return static_cast<unsigned>(ceil_div(channels, kThreads));
-}
-
-// Calls f(T{}) with the storage type of `dtype`.
-template <class F>
-cudaError_t dispatch_dtype(BnDType dtype, F&& f) {
-  switch (dtype) {
-    case BnDType::kFloat: return f(float{});
-    case BnDType::kDouble: return f(double{});
-    case BnDType::kHalf: return f(__half{});
-    case BnDType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 
 #include "activations.h"
 #include "cuda/bn_act_output_launch.h"
+#include "cuda/bn_act_common.cuh"
 #include "cuda/kernel_common.cuh"
 #include "inverse.h"
 
@@ -40,23 +41,6 @@ inline Layout layout_of(const BnGeometry& g) {
 inline unsigned elementwise_blocks(int64_t work) {
   return static_cast<unsigned>(std::max<int64_t>(
       1, std::min<int64_t>((work + kThreads - 1) / kThreads, 65535 * 8)));
-}
-
-template <class A>
-act::Params<A> params_of(const double* params) {
-  return {static_cast<A>(params[0]), static_cast<A>(params[1])};
-}
-
-// Returns f(T{}) (a cudaError_t) with the storage type of `dtype`.
-template <class F>
-cudaError_t dispatch_dtype(BnDType dtype, F&& f) {
-  switch (dtype) {
-    case BnDType::kFloat: return f(float{});
-    case BnDType::kDouble: return f(double{});
-    case BnDType::kHalf: return f(__half{});
-    case BnDType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
 }
 
 // A contribution to the two per-channel sums: `prepare()` once per thread (constants it may
