@@ -14,8 +14,8 @@
 // M is a *math policy*: it names the value type V and the few primitives the formulas use
 // (exp, expm1, log1p, erf, erfc, abs, neg, comparisons returning M::Mask, select, and
 // clamp_min / clamp_max, which return x when it is NaN: one max/min instruction in SIMD). The same
-// formula therefore instantiates for scalars (ScalarMath<float>, ScalarMath<double>, here: CPU tails and
-// CUDA) and for SIMD vectors (VecMath<T> over at::vec::Vectorized<T>, in cpu/vec_math.h).
+// formula therefore instantiates for scalars (ScalarMath<float>, ScalarMath<double>, here: CPU
+// tails and CUDA) and for SIMD vectors (VecMath<T> over at::vec::Vectorized<T>, in cpu/vec_math.h).
 // Arithmetic is + - * / on V; constants are written V(c). Half types are computed in float.
 //
 //   float y  = act::Mish::forward<act::ScalarMath<float>>(x, act::Params<float>{});
