@@ -12,9 +12,10 @@
 //   };                                       // V = typename M::V
 //
 // M is a *math policy*: it names the value type V and the few primitives the formulas use
-// (exp, expm1, log1p, erf, erfc, abs, neg, comparisons returning M::Mask, select). The same formula
-// therefore instantiates for scalars (ScalarMath<float>, ScalarMath<double>, here: CPU tails and
-// CUDA) and for SIMD vectors (VecMath<T> over at::vec::Vectorized<T>, in cpu/vec_math.h).
+// (exp, expm1, log1p, erf, erfc, abs, neg, comparisons returning M::Mask, select, and
+// clamp_min / clamp_max, which return x when it is NaN: one max/min instruction in SIMD). The same
+// formula therefore instantiates for scalars (ScalarMath<float>, ScalarMath<double>, here: CPU
+// tails and CUDA) and for SIMD vectors (VecMath<T> over at::vec::Vectorized<T>, in cpu/vec_math.h).
 // Arithmetic is + - * / on V; constants are written V(c). Half types are computed in float.
 //
 //   float y  = act::Mish::forward<act::ScalarMath<float>>(x, act::Params<float>{});
@@ -74,6 +75,8 @@ struct ScalarMath;
     static HOST_DEVICE T select(bool cond, T if_true, T if_false) {                     \
       return cond ? if_true : if_false;                                                 \
     }                                                                                   \
+    static HOST_DEVICE T clamp_min(T x, T lo) { return x < lo ? lo : x; }               \
+    static HOST_DEVICE T clamp_max(T x, T hi) { return x > hi ? hi : x; }               \
   };
 MISHKIT_SCALAR_MATH(float, f)
 MISHKIT_SCALAR_MATH(double, )
@@ -92,10 +95,10 @@ HOST_DEVICE V with_limits(V x, V y, V at_neg_inf, V at_pos_inf) {
   return M::select(M::eq(x, V(INFINITY)), at_pos_inf, y);
 }
 
-// clamp that lets NaN through (comparisons with NaN are false)
+// clamp that lets NaN through (lo < hi)
 template <class M, class V>
 HOST_DEVICE V clamp(V x, V lo, V hi) {
-  return M::select(M::lt(x, lo), lo, M::select(M::gt(x, hi), hi, x));
+  return M::clamp_max(M::clamp_min(x, lo), hi);
 }
 
 // 1 / (1 + e^-x): exact to rounding everywhere, and e^-x overflowing to inf gives the right 0.
@@ -311,7 +314,7 @@ struct Logish : NoParams {
 struct Relu : NoParams {
   template <class M, class V = typename M::V>
   static HOST_DEVICE V forward(V x, const Params<V>&) {
-    return M::select(M::le(x, V(0)), V(0), x);  // NaN propagates
+    return M::clamp_min(x, V(0));  // NaN propagates; relu(-0) = -0 as torch's
   }
   template <class M, class V = typename M::V>
   static HOST_DEVICE V derivative(V x, const Params<V>&) {

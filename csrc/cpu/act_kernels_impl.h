@@ -17,6 +17,8 @@
 #include <ATen/native/TensorIterator.h>
 #include <ATen/native/cpu/Loops.h>
 
+#include <type_traits>
+
 #include "activations.h"
 #include "cpu/act_kernels.h"
 #include "cpu/vec_math.h"
@@ -88,23 +90,49 @@ void backward_loop(at::TensorIteratorBase& iter, const double* params) {
   }
 }
 
+// The piecewise-linear activations do one or two vector instructions per element, so their loops
+// run at memory speed. In the AVX-512 build their float loops come from the AVX2 build: on the
+// AMD EPYC (Zen 5) of benchmarks/results/cpu-amd-epyc-2c/ the same loop at 512 bits ran 5-15%
+// slower than at 256 bits (measured side by side in one process, forward and backward; torch's
+// own kernels run AVX2 there). Their half-type loops stay 512-bit, where the wider bf16/fp16
+// conversion is the faster one.
 template <class Op>
+inline constexpr bool kFloatLoopsFrom256Bit =
+    std::is_same_v<Op, act::Relu> || std::is_same_v<Op, act::LeakyRelu> ||
+    std::is_same_v<Op, act::Hardswish> || std::is_same_v<Op, act::Hardmish>;
+
+template <class Op>
+bool use_avx2_float_loop([[maybe_unused]] const at::TensorIteratorBase& iter) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return kFloatLoopsFrom256Bit<Op> && iter.common_dtype() == at::kFloat;
+#else
+  return false;
+#endif
+}
+
+template <class Op, act::ActId id>
 void forward_kernel(at::TensorIteratorBase& iter, const double* params) {
+  if (use_avx2_float_loop<Op>(iter)) {  // AVX-512 implies AVX2 (act_dispatch.cpp)
+    return AVX2::kernel_table().forward[static_cast<int>(id)](iter, params);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, iter.common_dtype(),
                                   "mishkit_act_forward",
                                   [&] { forward_loop<Op, scalar_t>(iter, params); });
 }
 
-template <class Op>
+template <class Op, act::ActId id>
 void backward_kernel(at::TensorIteratorBase& iter, const double* params) {
+  if (use_avx2_float_loop<Op>(iter)) {
+    return AVX2::kernel_table().backward[static_cast<int>(id)](iter, params);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, iter.common_dtype(),
                                   "mishkit_act_backward",
                                   [&] { backward_loop<Op, scalar_t>(iter, params); });
 }
 
 const KernelTable& kernel_table() {
-#define MISHKIT_FORWARD_ENTRY(name, Functor) &forward_kernel<act::Functor>,
-#define MISHKIT_BACKWARD_ENTRY(name, Functor) &backward_kernel<act::Functor>,
+#define MISHKIT_FORWARD_ENTRY(name, Functor) &forward_kernel<act::Functor, act::ActId::name>,
+#define MISHKIT_BACKWARD_ENTRY(name, Functor) &backward_kernel<act::Functor, act::ActId::name>,
   static const KernelTable table{
       MISHKIT_CPU_CAPABILITY_ID,
       {MISHKIT_FOR_EACH_ACTIVATION(MISHKIT_FORWARD_ENTRY)},

@@ -305,6 +305,9 @@ struct VecMath {
   }
   static V abs(const V& x) { return x.abs(); }
   static V neg(const V& x) { return x.neg(); }
+  // max(lo, x) / min(hi, x) return their second operand, x, when either is NaN
+  static V clamp_min(const V& x, const V& lo) { return at::vec::clamp_min(x, lo); }
+  static V clamp_max(const V& x, const V& hi) { return at::vec::clamp_max(x, hi); }
 };
 
 }  // namespace CPU_CAPABILITY
