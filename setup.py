@@ -49,7 +49,10 @@ def _extensions():
     # -g0: Python's default CFLAGS carry -g, which made the .so 16x larger than its code. No
     # -std: torch's extension build gives the standard its own headers need (C++20 in torch
     # 2.13, whose headers warn under C++17); the sources compile as either (.ci/run checks both).
-    cxx_flags = ["-O3", "-g0", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is inline; without _OPENMP it runs serially in our kernels
+    # (TensorIterator loops parallelize inside libtorch either way). Links libgomp.so.1, the
+    # soname of the OpenMP runtime torch has already loaded, so the process keeps one runtime.
+    cxx_flags = ["-O3", "-g0", "-fvisibility=hidden", "-fopenmp"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     define_macros = [
         ("MISHKIT_WITH_CUDA", "1" if with_cuda else "0"),
@@ -60,6 +63,7 @@ def _extensions():
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=define_macros,
+        extra_link_args=["-fopenmp"],
         py_limited_api=False,
     )
     if with_cuda:
