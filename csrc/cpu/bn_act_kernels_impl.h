@@ -19,7 +19,7 @@
 
 #include "activations.h"
 #include "cpu/bn_act_kernels.h"
-#include "cpu/vec_io.h"
+#include "cpu/bn_act_common.h"
 #include "cpu/vec_math.h"
 
 #ifndef CPU_CAPABILITY
@@ -30,17 +30,6 @@ namespace mishkit::cpu::CPU_CAPABILITY {
 namespace bn_act {
 
 using at::vec::Vectorized;
-
-struct Geometry {
-  int64_t n, c, s;  // batch, channels, spatial elements per (n, c)
-  bool channels_last;
-};
-
-inline Geometry geometry_of(const at::Tensor& x) {
-  int64_t spatial = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) spatial *= x.size(d);
-  return {x.size(0), x.size(1), spatial, !x.is_contiguous()};
-}
 
 // The per-element formulas, for scalars (M = ScalarMath) and vectors (M = VecMath) alike.
 template <class Op, class M, class V>
@@ -62,11 +51,6 @@ struct Channel {
   const acc_t* coef_xmu;
   const acc_t* coef_const;
 };
-
-template <class acc_t>
-inline const acc_t* data_or_null(const at::Tensor* t) {
-  return t ? t->data_ptr<acc_t>() : nullptr;
-}
 
 // Runs `vec(offset, channel)` / `scalar(offset, channel)` over every element, where channel is a
 // pointer offset into the Channel arrays: constant over a plane (NCHW), per element (NHWC).

@@ -23,7 +23,7 @@
 #include "activations.h"
 #include "cpu/bn_act_output_kernels.h"
 #include "cpu/inverse_vec_math.h"
-#include "cpu/vec_io.h"
+#include "cpu/bn_act_common.h"
 #include "cpu/vec_math.h"
 #include "inverse.h"
 
@@ -46,17 +46,6 @@ constexpr int64_t kChunk = 4096;  // elements per task; a multiple of 8 and of e
 #else
 #define MISHKIT_FLAT inline
 #endif
-
-struct Geometry {
-  int64_t c, s, numel;
-  bool channels_last;
-};
-
-inline Geometry geometry_of(const at::Tensor& t) {
-  int64_t spatial = 1;
-  for (int64_t d = 2; d < t.dim(); ++d) spatial *= t.size(d);
-  return {t.size(1), spatial, t.numel(), !t.is_contiguous()};
-}
 
 // fn(i0, i1, c0, per_element) for each run of [begin, end): elements i0..i1 have channel c0
 // (NCHW, per_element false) or channels c0, c0 + 1, ... (channels_last, per_element true).
@@ -126,11 +115,6 @@ struct Channels {  // per-channel arrays in the compute type; unused ones null
   const acc_t* coef_const;
 };
 
-template <class acc_t>
-inline const acc_t* ptr_or_null(const at::Tensor* t) {
-  return t != nullptr ? t->data_ptr<acc_t>() : nullptr;
-}
-
 // -- forward --------------------------------------------------------------------------------------
 
 // The branch bits of a vector, lane k at bit k: lane k adds 2^k where z < split (a sum of
@@ -175,7 +159,7 @@ void forward_loop(const at::Tensor& x, const Channels<at::opmath_type<scalar_t>>
   scalar_t* yp = y.data_ptr<scalar_t>();
   uint8_t* mp = mask.data_ptr<uint8_t>();
   const Geometry g = geometry_of(x);
-  for_each_chunk(g.numel, [&](int64_t begin, int64_t end) {
+  for_each_chunk(g.numel(), [&](int64_t begin, int64_t end) {
     uint8_t bytes[kChunk / 8 + 2] = {};  // + 2: a vector's bits may spill into 2 more bytes
     const auto mark = [&](int64_t i, uint32_t bits) {  // bits of elements i, i + 1, ...
       const uint32_t shifted = bits << (i & 7);
@@ -283,7 +267,7 @@ void backward_reduce_loop(const Recovery<Op, scalar_t>& r, const Geometry& g, at
   constexpr int64_t W = V::size();
   const int threads = at::get_num_threads();
   std::vector<double> partial(static_cast<size_t>(threads) * 2 * g.c, 0.0);
-  for_each_chunk(g.numel, [&](int64_t begin, int64_t end) {
+  for_each_chunk(g.numel(), [&](int64_t begin, int64_t end) {
     double* mine = partial.data() + static_cast<size_t>(at::get_thread_num()) * 2 * g.c;
     // channels_last: this chunk's sums per channel
     std::vector<acc_t> row_a(g.channels_last ? g.c : 0), row_b(g.channels_last ? g.c : 0);
@@ -348,7 +332,7 @@ void backward_elemt_loop(const Recovery<Op, scalar_t>& r, const Geometry& g, at:
   constexpr int64_t W = V::size();
   scalar_t* out = grad_x.data_ptr<scalar_t>();
   scalar_t* out_r = grad_residual ? grad_residual->data_ptr<scalar_t>() : nullptr;
-  for_each_chunk(g.numel, [&](int64_t begin, int64_t end) {
+  for_each_chunk(g.numel(), [&](int64_t begin, int64_t end) {
     for_each_run(g, begin, end, [&](int64_t i0, int64_t i1, int64_t c0, auto pe) {
       int64_t i = i0;
       for (; i + W <= i1; i += W) {
