@@ -29,10 +29,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..._checks import BnActKernels, compute_dtype, same_layout
+from ..._checks import BnActKernels, compute_dtype
 from ...registry import get_spec
 from . import interpret_mode
-from .kernel_io import narrow, param, programs_to_fill, split_params, widen
+from .kernel_io import check_bn_tensors, narrow, param, programs_to_fill, split_params, widen
 from .math import ACTIVATION_IDS, derivative_math, forward_math
 
 # The CPU interpreter runs each program in numpy: small tiles keep the tiny test tensors fast.
@@ -323,23 +323,6 @@ def _reduction_plan(x: torch.Tensor) -> dict:
                      "num_warps": _warps(block_o * block_i, x.element_size())}}
 
 
-def _check(op: str, x: torch.Tensor, *vectors: torch.Tensor, grad_out=None) -> None:
-    torch._check(x.dim() >= 2, lambda: f"{op}: expected an (N, C, ...) tensor, got {list(x.shape)}")
-    channels_last = ((x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-                     or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)))
-    torch._check(x.is_contiguous() or channels_last,
-                 lambda: f"{op}: x must be contiguous, channels_last (4-D) or channels_last_3d "
-                         f"(5-D), got strides {x.stride()} (batch_norm_act makes it so)")
-    for v in vectors:
-        torch._check(v.shape == (x.shape[1],) and v.dtype == compute_dtype(x.dtype),
-                     lambda v=v: f"{op}: per-channel vectors must be (C,) in the compute "
-                                 f"dtype {compute_dtype(x.dtype)}, got {list(v.shape)} {v.dtype}")
-    if grad_out is not None:
-        torch._check(same_layout(grad_out, x) and grad_out.shape == x.shape,
-                     lambda: f"{op}: grad_out must have x's shape {list(x.shape)} and strides "
-                             f"{x.stride()} (on the dims of size > 1), got {grad_out.stride()}")
-
-
 def _activation(op: str, name: str, params) -> tuple[int, list[float]]:
     spec = get_spec(name)
     return ACTIVATION_IDS[spec.name], split_params(op, spec, params)
@@ -350,7 +333,7 @@ def _activation(op: str, name: str, params) -> tuple[int, list[float]]:
 
 @triton_op("mishkit::triton_bn_act_stats", mutates_args=())
 def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    _check("triton_bn_act_stats", x)
+    check_bn_tensors("triton_bn_act_stats", x)
     compute = compute_dtype(x.dtype)
     mean = x.new_empty(x.shape[1], dtype=compute)
     var = torch.empty_like(mean)
@@ -368,7 +351,7 @@ def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @triton_op("mishkit::triton_bn_act_forward", mutates_args=())
 def forward(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
             name: str, params: list[float]) -> torch.Tensor:
-    _check("triton_bn_act_forward", x, mean, scale, shift)
+    check_bn_tensors("triton_bn_act_forward", x, (mean, scale, shift))
     act, split = _activation("triton_bn_act_forward", name, params)
     y = torch.empty_like(x)
     if x.numel() > 0:
@@ -380,7 +363,8 @@ def forward(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, shift: tor
 def backward_reduce(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
                     scale: torch.Tensor, shift: torch.Tensor, name: str,
                     params: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    _check("triton_bn_act_backward_reduce", x, mean, scale, shift, grad_out=grad_out)
+    check_bn_tensors("triton_bn_act_backward_reduce", x, (mean, scale, shift),
+                     {"grad_out": grad_out})
     act, split = _activation("triton_bn_act_backward_reduce", name, params)
     sum_dz, sum_dz_xmu = torch.empty_like(mean), torch.empty_like(mean)
     if x.shape[1] == 0:
@@ -399,8 +383,8 @@ def backward_reduce(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
 def backward_elemt(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
                    scale: torch.Tensor, shift: torch.Tensor, coef_xmu: torch.Tensor,
                    coef_const: torch.Tensor, name: str, params: list[float]) -> torch.Tensor:
-    _check("triton_bn_act_backward_elemt", x, mean, scale, shift, coef_xmu, coef_const,
-           grad_out=grad_out)
+    check_bn_tensors("triton_bn_act_backward_elemt", x,
+                     (mean, scale, shift, coef_xmu, coef_const), {"grad_out": grad_out})
     act, split = _activation("triton_bn_act_backward_elemt", name, params)
     grad_x = torch.empty_like(x)
     if x.numel() > 0:

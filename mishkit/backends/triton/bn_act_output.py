@@ -19,9 +19,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..._checks import BnActOutputKernels, compute_dtype, dense_format, same_layout
+from ..._checks import BnActOutputKernels, compute_dtype
 from ..inversion import HEADER, NEWTON_STEPS, TABLE_INTERVALS, saturation_floors
 from . import interpret_mode
+from .kernel_io import check_bn_tensors
 from .math import (
     ACTIVATION_IDS,
     ELU,
@@ -263,22 +264,6 @@ def _newton(y: torch.Tensor) -> int:
     return NEWTON_STEPS[compute_dtype(y.dtype)]
 
 
-def _check(x: torch.Tensor, vectors: tuple, same: tuple = ()) -> None:
-    """x dense (N, C, *); vectors (C,) in the compute dtype; ``same`` tensors (grad_out,
-    residual; None skipped) with x's shape and strides."""
-    torch._check(x.dim() >= 2, lambda: f"expected an (N, C, ...) tensor, got {list(x.shape)}")
-    torch._check(x.is_contiguous() or dense_format(x) is not torch.contiguous_format,
-                 lambda: "x must be contiguous, channels_last or channels_last_3d "
-                         "(batch_norm_act makes it)")
-    for v in vectors:
-        torch._check(v.shape == (x.shape[1],) and v.dtype == compute_dtype(x.dtype),
-                     lambda: "per-channel vectors must be (C,) in the compute dtype")
-    for t in same:
-        if t is not None:
-            torch._check(t.shape == x.shape and same_layout(t, x),
-                         lambda: "grad_out / residual must have y's shape and strides")
-
-
 def _geometry(x: torch.Tensor):
     """(C, rows R = N * S, S, stride_n, stride_c, stride_s) of a dense (N, C, *) tensor."""
     channels = x.shape[1]
@@ -298,7 +283,8 @@ def _reduction_blocks(stride_c: int, channels: int) -> tuple[int, int]:
 def forward(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
             residual: torch.Tensor | None, branch: float, name: str,
             params: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(x, (mean, scale, shift), (residual,))
+    check_bn_tensors("triton_bn_act_output_forward", x, (mean, scale, shift),
+                     {"residual": residual})
     y = torch.empty_like(x)
     mask = x.new_empty((x.numel() + 7) // 8, dtype=torch.uint8)
     if x.numel() == 0:
@@ -327,7 +313,8 @@ def backward_reduce(grad_out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
                     scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None,
                     table: torch.Tensor, name: str,
                     params: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check(y, (scale, shift), (grad_out, residual))
+    check_bn_tensors("triton_bn_act_output_backward_reduce", y, (scale, shift),
+                     {"grad_out": grad_out, "residual": residual})
     sum_dz, sum_dz_xmu = torch.empty_like(scale), torch.empty_like(scale)
     channels, rows, spatial, stride_n, stride_c, stride_s = _geometry(y)
     block_r, block_c = _reduction_blocks(stride_c, channels)
@@ -348,7 +335,9 @@ def backward_elemt(grad_out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, 
                    coef_xmu: torch.Tensor, coef_const: torch.Tensor, table: torch.Tensor,
                    name: str, params: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     has_z = z.numel() > 0
-    _check(y, (scale, shift, coef_xmu, coef_const), (grad_out, residual, z if has_z else None))
+    check_bn_tensors("triton_bn_act_output_backward_elemt", y,
+                     (scale, shift, coef_xmu, coef_const),
+                     {"grad_out": grad_out, "residual": residual, "z": z if has_z else None})
     torch._check(not has_z or z.dtype == scale.dtype, lambda: "z must be in the compute dtype")
     grad_x = torch.empty_like(y)
     grad_r = torch.empty_like(y) if residual is not None else y.new_empty(0)

@@ -5,6 +5,7 @@ stores, activation parameters passed as scalar kernel arguments, and the launch 
   others compute in float32, round to nearest even once). Compiled, they are the native casts
   (one instruction each); the CPU interpreter's bfloat16 casts flush subnormals, so there they go
   by bits.
+* :func:`check_bn_tensors`: the BatchNorm + activation ops' tensor arguments.
 * :func:`split_params`: the activation parameters as four Python floats for the kernel's scalar
   arguments ``p0_hi, p0_lo, p1_hi, p1_lo`` (Triton passes a Python float as float32; the float32
   head plus the float32 remainder carry a float64 value to float64 kernels). No tensor is built:
@@ -21,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._checks import compute_dtype, dense_format, same_layout
 from ...registry import ActivationSpec
 from . import interpret_mode
 
@@ -103,3 +105,24 @@ def programs_to_fill(device: torch.device) -> int:
         return 8
     return 8 * _multiprocessors(device.index if device.index is not None else
                                 torch.cuda.current_device())
+
+
+def check_bn_tensors(op: str, x: torch.Tensor, vectors=(), same: dict | None = None) -> None:
+    """``x`` dense ``(N, C, *)`` (contiguous, channels_last or channels_last_3d), ``vectors``
+    ``(C,)`` in the compute dtype, and the ``same`` tensors (by name; None skipped) with x's shape
+    and strides on the dims of size > 1. Checked with ``torch._check``, so fake tensors check
+    too."""
+    torch._check(x.dim() >= 2, lambda: f"{op}: expected an (N, C, ...) tensor, got {list(x.shape)}")
+    torch._check(x.is_contiguous() or dense_format(x) is not torch.contiguous_format,
+                 lambda: f"{op}: x must be contiguous, channels_last (4-D) or channels_last_3d "
+                         f"(5-D), got strides {x.stride()} (batch_norm_act makes it so)")
+    for v in vectors:
+        torch._check(v.shape == (x.shape[1],) and v.dtype == compute_dtype(x.dtype),
+                     lambda v=v: f"{op}: per-channel vectors must be (C,) in the compute "
+                                 f"dtype {compute_dtype(x.dtype)}, got {list(v.shape)} {v.dtype}")
+    for name, t in (same or {}).items():
+        if t is not None:
+            torch._check(same_layout(t, x) and t.shape == x.shape,
+                         lambda name=name, t=t: f"{op}: {name} must have x's shape "
+                         f"{list(x.shape)} and strides {x.stride()} (on the dims of size > 1), "
+                         f"got {list(t.shape)} {t.stride()}")
