@@ -11,13 +11,13 @@
 //     template <class M> static V derivative(V x, const Params<V>& p);  // f'(x)
 //   };                                       // V = typename M::V
 //
-// M is a *math policy*: it names the value type V and the few primitives the formulas use
-// (exp, expm1, log1p, erf, erfc, abs, neg, comparisons returning M::Mask, select, and
-// clamp_min / clamp_max, which return x when it is NaN: one max/min instruction in SIMD;
-// log1p_unit is log1p for arguments in [0, 1], which a SIMD policy can evaluate for a third of
-// the cost). The same
-// formula therefore instantiates for scalars (ScalarMath<float>, ScalarMath<double>, here: CPU
-// tails and CUDA) and for SIMD vectors (VecMath<T> over at::vec::Vectorized<T>, in cpu/vec_math.h).
+// M is a *math policy*: it names the value type V and the few primitives the formulas use: exp,
+// expm1, log1p, log1p_unit (log1p for arguments in [0, 1], which a SIMD policy evaluates for a
+// third of the cost), erf, normal_cdf (Phi) and normal_cdf_pdf (Phi and the density phi from one
+// exponential), abs, neg, comparisons returning M::Mask, select, and clamp_min / clamp_max,
+// which return x when it is NaN (one max/min instruction in SIMD). The same formula therefore
+// instantiates for scalars (ScalarMath<float>, ScalarMath<double>, here: CPU tails and CUDA) and
+// for SIMD vectors (VecMath<T> over at::vec::Vectorized<T>, in cpu/vec_math.h).
 // Arithmetic is + - * / on V; constants are written V(c). Half types are computed in float.
 //
 //   float y  = act::Mish::forward<act::ScalarMath<float>>(x, act::Params<float>{});
@@ -68,7 +68,13 @@ struct ScalarMath;
     static HOST_DEVICE T log1p(T x) { return ::log1p##SUFFIX(x); }                      \
     static HOST_DEVICE T log1p_unit(T x) { return ::log1p##SUFFIX(x); }                 \
     static HOST_DEVICE T erf(T x) { return ::erf##SUFFIX(x); }                          \
-    static HOST_DEVICE T erfc(T x) { return ::erfc##SUFFIX(x); }                        \
+    static HOST_DEVICE T normal_cdf(T x) {                                              \
+      return T(0.5) * ::erfc##SUFFIX(x * T(-0.70710678118654752440));                   \
+    }                                                                                   \
+    static HOST_DEVICE void normal_cdf_pdf(T x, T& cdf, T& pdf) {                       \
+      cdf = normal_cdf(x);                                                              \
+      pdf = ::exp##SUFFIX(T(-0.5) * x * x) * T(0.39894228040143267794); /* 1/sqrt(2pi) */ \
+    }                                                                                   \
     static HOST_DEVICE T abs(T x) { return ::fabs##SUFFIX(x); }                         \
     static HOST_DEVICE T neg(T x) { return -x; }                                        \
     static HOST_DEVICE bool lt(T a, T b) { return a < b; }                              \
@@ -163,17 +169,17 @@ struct Silu : NoParams {
   }
 };
 
-// Phi(x) = erfc(-x / sqrt 2) / 2 keeps full relative precision for x << 0 (1 + erf cancels).
+// x Phi(x). The policies keep Phi's relative precision for x << 0 (0.5 erfc(-x / sqrt 2), not
+// 0.5 (1 + erf), which cancels), and give the density phi with Phi for the derivative.
 struct Gelu : NoParams {
   template <class M, class V = typename M::V>
   static HOST_DEVICE V forward(V x, const Params<V>&) {
-    const V cdf = V(0.5) * M::erfc(x * V(-0.70710678118654752440));
-    return with_limits<M>(x, x * cdf, V(0));
+    return with_limits<M>(x, x * M::normal_cdf(x), V(0));
   }
   template <class M, class V = typename M::V>
   static HOST_DEVICE V derivative(V x, const Params<V>&) {
-    const V cdf = V(0.5) * M::erfc(x * V(-0.70710678118654752440));
-    const V pdf = M::exp(V(-0.5) * x * x) * V(0.39894228040143267794);  // 1 / sqrt(2 pi)
+    V cdf, pdf;
+    M::normal_cdf_pdf(x, cdf, pdf);
     return with_limits<M>(x, cdf + x * pdf, V(0), V(1));
   }
 };

@@ -1,9 +1,10 @@
-"""The CPU kernels' instruction-set builds: the inlined float exp / expm1 / log1p of the AVX2 and
-AVX-512 builds at ulp level (tighter than the numerics contract, which test_extension.py checks at
-the extremes), the MISHKIT_CPU_CAPABILITY override in any case, and what `mishkit info` says
-about the build it runs and why."""
+"""The CPU kernels' instruction-set builds: the inlined float exp / expm1 / log1p and GELU's normal
+cdf and density in the AVX2 and AVX-512 builds at ulp level (tighter than the numerics contract,
+which test_extension.py checks at the extremes), the MISHKIT_CPU_CAPABILITY override in any case,
+and what `mishkit info` says about the build it runs and why."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -65,6 +66,20 @@ def test_inlined_log1p_through_softplus(build):
     x = dense_grid(-100.0, 88.0)
     got = ops.act_forward(x, "softplus", [1.0, 1000.0])
     assert_within(got, torch.log1p(torch.exp(x.double())), ULP4, 1e-43)
+
+
+@pytest.mark.parametrize("build", VECTOR_BUILDS, indirect=True)
+def test_gelu_keeps_relative_precision_down_to_the_underflow_of_phi(build):
+    # x Phi(x) and Phi(x) + x phi(x) from one exponential: relative accuracy for x << 0 too,
+    # where 0.5 (1 + erf) cancels; Phi underflows float near x = -13
+    x = dense_grid(-13.0, 30.0)
+    xd = x.double()
+    cdf = 0.5 * torch.special.erfc(-xd / math.sqrt(2.0))
+    pdf = torch.exp(-0.5 * xd * xd) / math.sqrt(2.0 * math.pi)
+    assert_within(ops.act_forward(x, "gelu", []), xd * cdf, 1e-6, 1e-40)
+    # the derivative crosses 0 at x = -0.75: there its error is absolute, a few ulp of 1
+    grad = ops.act_backward(torch.ones_like(x), x, "gelu", [])
+    assert_within(grad, cdf + xd * pdf, 1e-6, 3e-7)
 
 
 @pytest.mark.parametrize("build", VECTOR_BUILDS, indirect=True)
