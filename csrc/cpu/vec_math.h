@@ -8,7 +8,8 @@
 // float exp, expm1 and log1p are inlined in the AVX2 and AVX-512 builds (vec_detail): at::vec's are
 // out-of-line SLEEF calls, and around a call every vector register is caller-saved, so the loops
 // spilled all their constants and ran at a third to a half of their inlined speed. float erf and
-// the normal cdf/density are exp-based in every build. Each stays within ~2 ulp of the correctly rounded value over its
+// the normal cdf/density are exp-based in every build (SLEEF's vector erf/erfc measured 20-30x
+// slower than its exp, which made GELU 30x slower than torch's). Each stays within ~2 ulp of the correctly rounded value over its
 // whole domain (tests/test_cpu_kernels.py checks them against float64 at every exponent), with the
 // IEEE results at 0, +-inf and NaN. The baseline build and double use at::vec (SLEEF / libm).
 #pragma once
@@ -188,33 +189,27 @@ inline VecF log1p_unit(const VecF& u) {
   return s * p;
 }
 
-// erfc(z) for z >= 0 from exp alone: Numerical Recipes' Chebyshev fit (Press et al., "erfcc"),
-// fractional error < 1.2e-7 over the whole range, i.e. about one float ulp. SLEEF's vector
-// erf/erfc measured ~20-30x slower than its exp here, which made GELU 30x slower than torch's.
-inline VecF erfc_nonnegative(const VecF& z) {
-  const VecF t = VecF(1.0f) / at::vec::fmadd(VecF(0.5f), z, VecF(1.0f));
-  VecF p = VecF(0.17087277f);
-  p = at::vec::fmadd(p, t, VecF(-0.82215223f));
-  p = at::vec::fmadd(p, t, VecF(1.48851587f));
-  p = at::vec::fmadd(p, t, VecF(-1.13520398f));
-  p = at::vec::fmadd(p, t, VecF(0.27886807f));
-  p = at::vec::fmadd(p, t, VecF(-0.18628806f));
-  p = at::vec::fmadd(p, t, VecF(0.09678418f));
-  p = at::vec::fmadd(p, t, VecF(0.37409196f));
-  p = at::vec::fmadd(p, t, VecF(1.00002368f));
-  p = at::vec::fmadd(p, t, VecF(-1.26551223f));
-  return t * exp(p - z * z);  // z = inf: t = 0 and exp(-inf) = 0
+// a < b ? if_true : if_false (false for NaN); one k-mask blend in the AVX-512 build
+inline VecF select_less(const VecF& a, const VecF& b, const VecF& if_true, const VecF& if_false) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), if_false, if_true);
+#else
+  return VecF::blendv(if_false, if_true, a < b);
+#endif
 }
 
-// Phi(x) and phi(x), the standard normal cdf and density, from one exponential. With a = |x| and
+// The normal lower tail Phi(-a) for a >= 0 and e^(-a^2/2), from one exponential. With
 // t = 1 / (1 + 0.3 a): Phi(-a) = t Q(t) e^(-a^2/2), Q a degree-7 minimax fit of
-// Phi(-a) e^(a^2/2) / t over a in [0, 14.5] (relative error < 2e-7; Phi(-14.5) is below float's
-// smallest subnormal), and Phi(x) = 1 - Phi(-x) for x > 0. a^2 = hi + lo exactly, so that
-// e^(-a^2/2) = e^(-hi/2) (1 - lo/2) keeps its relative precision where a^2 is large. 30 vector
-// instructions for both, where erfc alone took 30 and phi another 15.
-inline void normal_cdf_pdf(const VecF& x, VecF& cdf, VecF& pdf) {
-  const VecF a = x.abs();
-  const VecF t = VecF(1.0f) / at::vec::fmadd(VecF(0.3f), a, VecF(1.0f));
+// Phi(-a) e^(a^2/2) / t over [0, 14.5] (relative error < 2e-7; Phi(-14.5) is below float's
+// smallest subnormal). a^2 = hi + lo exactly, so that e^(-a^2/2) = e^(-hi/2) (1 - lo/2) keeps its
+// relative precision where a^2 is large. The polynomial and the exponential are independent, so
+// their latencies overlap (the erfc fit this replaced sat inside the exponential's argument).
+struct LowerTail {
+  VecF tail;          // Phi(-a)
+  VecF exp_half_sq;   // e^(-a^2/2)
+};
+inline LowerTail normal_lower_tail(const VecF& a) {
+  const VecF t = VecF(1.0f) / at::vec::fmadd(VecF(0.3f), a, VecF(1.0f));  // a = inf: t = 0
   VecF q = VecF(3.542378172e-02f);
   q = at::vec::fmadd(q, t, VecF(-1.561586261e-01f));
   q = at::vec::fmadd(q, t, VecF(2.045570761e-01f));
@@ -229,19 +224,19 @@ inline void normal_cdf_pdf(const VecF& x, VecF& cdf, VecF& pdf) {
   const VecF lo = at::vec::fmsub(a_c, a_c, hi);
   VecF e = exp(hi * VecF(-0.5f));
   e = at::vec::fnmadd(e, lo * VecF(0.5f), e);
-  const VecF lower = (t * q) * e;  // normal factors first: one rounding where e is subnormal
-  // x > 0 ? 1 - lower : lower (NaN: lower is NaN); a k-mask blend in the AVX-512 build
-#if defined(CPU_CAPABILITY_AVX512)
-  cdf = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), lower,
-                             VecF(1.0f) - lower);
-#else
-  cdf = VecF::blendv(lower, VecF(1.0f) - lower, x > VecF(0.0f));
-#endif
+  return {(t * q) * e, e};  // normal factors first: one rounding where e is subnormal
+}
+
+// Phi(x) and the density phi(x) = e^(-x^2/2) / sqrt(2 pi); Phi(x) = 1 - Phi(-x) for x > 0.
+inline void normal_cdf_pdf(const VecF& x, VecF& cdf, VecF& pdf) {
+  const auto [tail, e] = normal_lower_tail(x.abs());
+  cdf = select_less(VecF(0.0f), x, VecF(1.0f) - tail, tail);  // NaN: tail is NaN
   pdf = e * VecF(0.39894228040143267794f);
 }
 
 // erf: Taylor series x * sum_k c_k x^2k, c_k = (2/sqrt(pi)) (-1)^k / (k! (2k + 1)), below 0.5
-// (truncation < 1e-9 relative: full precision near 0, where 1 - erfc cancels); 1 - erfc above.
+// (truncation < 1e-9 relative: full precision near 0, where 1 - erfc cancels); above,
+// erf(a) = 1 - 2 Phi(-sqrt(2) a) (absolute error < 1.5e-7, i.e. ~2 ulp of erf >= 0.52).
 inline VecF erf(const VecF& x) {
   constexpr double kTwoOverSqrtPi = 1.12837916709551257390;
   const VecF x2 = x * x;
@@ -253,9 +248,11 @@ inline VecF erf(const VecF& x) {
   series = at::vec::fmadd(series, x2, VecF(static_cast<float>(-kTwoOverSqrtPi / 3)));
   series = at::vec::fmadd(series, x2, VecF(static_cast<float>(kTwoOverSqrtPi)));
   const VecF a = x.abs();
-  const VecF one_minus = VecF(1.0f) - erfc_nonnegative(a);
-  const VecF large = VecF::blendv(one_minus, one_minus.neg(), x < VecF(0.0f));
-  return VecF::blendv(large, x * series, a < VecF(0.5f));  // NaN: a < 0.5 false, large is NaN
+  const VecF one_minus =
+      at::vec::fnmadd(VecF(2.0f), normal_lower_tail(a * VecF(1.41421356237309504880f)).tail,
+                      VecF(1.0f));
+  const VecF large = select_less(x, VecF(0.0f), one_minus.neg(), one_minus);
+  return select_less(a, VecF(0.5f), x * series, large);  // NaN: a < 0.5 false, large is NaN
 }
 
 }  // namespace vec_detail
