@@ -13,6 +13,9 @@ import pytest
 import torch
 
 from mishkit import backends, info
+from mishkit.registry import ACTIVATIONS
+
+from .helpers import param_list
 
 _C, _REASON = backends.extension_module()
 pytestmark = pytest.mark.skipif(_C is None, reason=f"extension not built: {_REASON}")
@@ -90,6 +93,33 @@ def test_erf_and_log1p_on_the_unit_interval_through_serf(build):
     xd = x.double()
     expected = xd * torch.erf(torch.nn.functional.softplus(xd))
     assert_within(ops.act_forward(x, "serf", []), expected, 2e-6, 1e-38)
+
+
+def ordered_bits(t: torch.Tensor) -> torch.Tensor:
+    """A half type's bit patterns as integers in the order of the values (+0 and -0 both 0), so
+    that a difference is a distance in ulp."""
+    bits = t.view(torch.int16).int()
+    return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+
+@pytest.mark.parametrize("build", VECTOR_BUILDS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_half_types_are_the_float_result_rounded_on_all_inputs(name, dtype, build):
+    # every finite bit pattern: the half-type loops (bfloat16 with the shorter kBFloat16 float
+    # math) within one ulp of the float kernel's result rounded to dtype, forward and backward
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    x = x[torch.isfinite(x)]
+    params = param_list(name)
+    ones = torch.ones_like(x)
+    pairs = [(ops.act_forward(x, name, params), ops.act_forward(x.float(), name, params)),
+             (ops.act_backward(ones, x, name, params),
+              ops.act_backward(ones.float(), x.float(), name, params))]
+    for got, from_float in pairs:
+        expected = from_float.to(dtype)
+        assert torch.equal(got.isnan(), expected.isnan()), name
+        distance = (ordered_bits(got) - ordered_bits(expected)).abs()[~got.isnan()]
+        assert distance.max() <= 1, (name, x[~got.isnan()][distance.argmax()].item())
 
 
 @pytest.mark.parametrize("build", VECTOR_BUILDS, indirect=True)

@@ -9,9 +9,10 @@
 // out-of-line SLEEF calls, and around a call every vector register is caller-saved, so the loops
 // spilled all their constants and ran at a third to a half of their inlined speed. float erf and
 // the normal cdf/density are exp-based in every build (SLEEF's vector erf/erfc measured 20-30x
-// slower than its exp, which made GELU 30x slower than torch's). Each stays within ~2 ulp of the correctly rounded value over its
-// whole domain (tests/test_cpu_kernels.py checks them against float64 at every exponent), with the
-// IEEE results at 0, +-inf and NaN. The baseline build and double use at::vec (SLEEF / libm).
+// slower than its exp, which made GELU 30x slower than torch's). Each stays within ~2 ulp of the
+// correctly rounded value over its whole domain (tests/test_cpu_kernels.py checks them against
+// float64 at every exponent, through the activations built on them), with the IEEE results at 0,
+// +-inf and NaN. The baseline build and double use at::vec (SLEEF / libm).
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -33,6 +34,12 @@ inline namespace CPU_CAPABILITY {
 namespace vec_detail {
 
 using VecF = at::vec::Vectorized<float>;
+
+// How precise the float math is. kFull: ~1-2 ulp, for float (and float16) results. kBFloat16:
+// relative error below 2^-16, for results rounded to bfloat16 next (half an ulp is 2^-9):
+// shorter polynomials, a one-constant ln 2 reduction and no a^2 splitting, 10-25% fewer
+// instructions per activation. act_kernels_impl.h says where each is used.
+enum class Precision { kFull, kBFloat16 };
 
 #if MISHKIT_INLINE_FLOAT_MATH
 // -- the two bit-level primitives, per instruction set ------------------------------------------
@@ -87,17 +94,27 @@ constexpr float kLn2Lo = -2.12194440e-4f;
 // n = round(x / ln2), the exponent of the reduction below
 inline VecF nearest_ln2_multiple(const VecF& x) { return (x * VecF(kLog2e)).round(); }
 
-// r = x - n ln2, |r| <= ln2 / 2 (Cody-Waite)
+// r = x - n ln2, |r| <= ln2 / 2 (Cody-Waite; kBFloat16: one constant, |n| <= 150 times its 2e-9
+// error)
+template <Precision P>
 inline VecF reduce_ln2(const VecF& x, const VecF& n) {
+  if constexpr (P == Precision::kBFloat16) {
+    return at::vec::fmadd(n, VecF(-0.693147180559945309f), x);
+  }
   const VecF r = at::vec::fmadd(n, VecF(-kLn2Hi), x);
   return at::vec::fmadd(n, VecF(-kLn2Lo), r);
 }
 
-// exp(r) for |r| <= ln2 / 2: degree-7 Taylor polynomial, truncation < 1e-8 relative
+// exp(r) for |r| <= ln2 / 2: degree-7 Taylor polynomial, truncation < 1e-8 relative (kBFloat16:
+// degree 5, < 3e-6)
+template <Precision P>
 inline VecF exp_reduced(const VecF& r) {
-  VecF p = VecF(1.0f / 5040);
-  p = at::vec::fmadd(p, r, VecF(1.0f / 720));
-  p = at::vec::fmadd(p, r, VecF(1.0f / 120));
+  VecF p = VecF(1.0f / 120);
+  if constexpr (P == Precision::kFull) {
+    p = VecF(1.0f / 5040);
+    p = at::vec::fmadd(p, r, VecF(1.0f / 720));
+    p = at::vec::fmadd(p, r, VecF(1.0f / 120));
+  }
   p = at::vec::fmadd(p, r, VecF(1.0f / 24));
   p = at::vec::fmadd(p, r, VecF(1.0f / 6));
   p = at::vec::fmadd(p, r, VecF(0.5f));
@@ -107,22 +124,28 @@ inline VecF exp_reduced(const VecF& r) {
 
 // x is clamped to [-104, 89] first (exp(-104) rounds to 0, exp(89) overflows); clamp_min/max
 // return x when it is NaN, so NaN passes through.
+template <Precision P = Precision::kFull>
 inline VecF exp(const VecF& x) {
   const VecF v = at::vec::clamp_max(at::vec::clamp_min(x, VecF(-104.0f)), VecF(89.0f));
   const VecF n = nearest_ln2_multiple(v);
-  return scale_by_pow2(exp_reduced(reduce_ln2(v, n)), n);
+  return scale_by_pow2(exp_reduced<P>(reduce_ln2<P>(v, n)), n);
 }
 
 // expm1(x) = 2^n (expm1(r) + 1 - 2^-n), where 1 - 2^-n is exact for the n that matter (n = 0
 // keeps the full relative precision of expm1(r) near 0). expm1(r): r + r^2 (1/2 + r/6 + ...),
-// Taylor to r^8 (truncation < 1e-9 relative). x is clamped to [-30, 89]: expm1(-30) rounds to -1.
+// Taylor to r^8 (truncation < 1e-9 relative; kBFloat16: to r^6, < 4e-7). x is clamped to [-30, 89]:
+// expm1(-30) rounds to -1.
+template <Precision P = Precision::kFull>
 inline VecF expm1(const VecF& x) {
   const VecF v = at::vec::clamp_max(at::vec::clamp_min(x, VecF(-30.0f)), VecF(89.0f));
   const VecF n = nearest_ln2_multiple(v);
-  const VecF r = reduce_ln2(v, n);
-  VecF p = VecF(1.0f / 40320);
-  p = at::vec::fmadd(p, r, VecF(1.0f / 5040));
-  p = at::vec::fmadd(p, r, VecF(1.0f / 720));
+  const VecF r = reduce_ln2<P>(v, n);
+  VecF p = VecF(1.0f / 720);
+  if constexpr (P == Precision::kFull) {
+    p = VecF(1.0f / 40320);
+    p = at::vec::fmadd(p, r, VecF(1.0f / 5040));
+    p = at::vec::fmadd(p, r, VecF(1.0f / 720));
+  }
   p = at::vec::fmadd(p, r, VecF(1.0f / 120));
   p = at::vec::fmadd(p, r, VecF(1.0f / 24));
   p = at::vec::fmadd(p, r, VecF(1.0f / 6));
@@ -168,25 +191,34 @@ inline VecF log1p(const VecF& x) {
   return VecF::blendv(VecF(NAN), result, x >= VecF(-1.0f));
 }
 #else   // baseline build: at::vec's element-wise libm calls
+template <Precision P = Precision::kFull>
 inline VecF exp(const VecF& x) { return x.exp(); }
+template <Precision P = Precision::kFull>
 inline VecF expm1(const VecF& x) { return x.expm1(); }
 inline VecF log1p(const VecF& x) { return x.log1p(); }
 #endif  // MISHKIT_INLINE_FLOAT_MATH
 
 // log1p(u) for u in [0, 1] (NaN passes; other u are outside the fit): log1p(u) = 2 atanh(s) with
 // s = u / (2 + u) in [0, 1/3], and 2 atanh(s) / s = P(s^2), a degree-4 minimax fit on [0, 1/9]
-// (relative error < 8e-9, so <= 2 ulp in all, the division's rounding included). A third of the
+// (relative error < 8e-9, so <= 2 ulp in all, the division's rounding included; kBFloat16:
+// degree 3, < 2e-7). A third of the
 // general log1p's instructions: no exponent split, no special cases. softplus, serf and logish
 // only take log1p of e^-|x| or of a sigmoid, which lie in [0, 1].
+template <Precision P = Precision::kFull>
 inline VecF log1p_unit(const VecF& u) {
   const VecF s = u / (u + VecF(2.0f));
   const VecF w = s * s;
+  if constexpr (P == Precision::kBFloat16) {
+    VecF p = VecF(3.4226027131e-1f);
+    p = at::vec::fmadd(p, w, VecF(3.9589464664e-1f));
+    p = at::vec::fmadd(p, w, VecF(6.6676002741e-1f));
+    return s * at::vec::fmadd(p, w, VecF(1.9999996424f));
+  }
   VecF p = VecF(2.8178316355e-1f);
   p = at::vec::fmadd(p, w, VecF(2.7960607409e-1f));
   p = at::vec::fmadd(p, w, VecF(4.0024909377e-1f));
   p = at::vec::fmadd(p, w, VecF(6.6666316986e-1f));
-  p = at::vec::fmadd(p, w, VecF(2.0f));
-  return s * p;
+  return s * at::vec::fmadd(p, w, VecF(2.0f));
 }
 
 // a < b ? if_true : if_false (false for NaN); one k-mask blend in the AVX-512 build
@@ -202,13 +234,27 @@ inline VecF select_less(const VecF& a, const VecF& b, const VecF& if_true, const
 // t = 1 / (1 + 0.3 a): Phi(-a) = t Q(t) e^(-a^2/2), Q a degree-7 minimax fit of
 // Phi(-a) e^(a^2/2) / t over [0, 14.5] (relative error < 2e-7; Phi(-14.5) is below float's
 // smallest subnormal). a^2 = hi + lo exactly, so that e^(-a^2/2) = e^(-hi/2) (1 - lo/2) keeps its
-// relative precision where a^2 is large. The polynomial and the exponential are independent, so
+// relative precision where a^2 is large. kBFloat16: t = 1 / (1 + 0.31 a) and degree 5 (< 5e-6), a^2
+// rounded (< 3e-6 more). The polynomial and the exponential are independent, so
 // their latencies overlap (the erfc fit this replaced sat inside the exponential's argument).
 struct LowerTail {
   VecF tail;          // Phi(-a)
   VecF exp_half_sq;   // e^(-a^2/2)
 };
+template <Precision P = Precision::kFull>
 inline LowerTail normal_lower_tail(const VecF& a) {
+  if constexpr (P == Precision::kBFloat16) {
+    const VecF t = VecF(1.0f) / at::vec::fmadd(VecF(0.31f), a, VecF(1.0f));
+    VecF q = VecF(-7.392925769e-02f);
+    q = at::vec::fmadd(q, t, VecF(1.804507077e-01f));
+    q = at::vec::fmadd(q, t, VecF(1.574430428e-02f));
+    q = at::vec::fmadd(q, t, VecF(1.334300041e-01f));
+    q = at::vec::fmadd(q, t, VecF(1.204412282e-01f));
+    q = at::vec::fmadd(q, t, VecF(1.238607094e-01f));
+    const VecF a_c = at::vec::clamp_max(a, VecF(15.0f));
+    const VecF e = exp<P>(a_c * a_c * VecF(-0.5f));
+    return {(t * q) * e, e};
+  }
   const VecF t = VecF(1.0f) / at::vec::fmadd(VecF(0.3f), a, VecF(1.0f));  // a = inf: t = 0
   VecF q = VecF(3.542378172e-02f);
   q = at::vec::fmadd(q, t, VecF(-1.561586261e-01f));
@@ -222,34 +268,40 @@ inline LowerTail normal_lower_tail(const VecF& a) {
   const VecF a_c = at::vec::clamp_max(a, VecF(15.0f));
   const VecF hi = a_c * a_c;
   const VecF lo = at::vec::fmsub(a_c, a_c, hi);
-  VecF e = exp(hi * VecF(-0.5f));
+  VecF e = exp<P>(hi * VecF(-0.5f));
   e = at::vec::fnmadd(e, lo * VecF(0.5f), e);
   return {(t * q) * e, e};  // normal factors first: one rounding where e is subnormal
 }
 
 // Phi(x) and the density phi(x) = e^(-x^2/2) / sqrt(2 pi); Phi(x) = 1 - Phi(-x) for x > 0.
+template <Precision P = Precision::kFull>
 inline void normal_cdf_pdf(const VecF& x, VecF& cdf, VecF& pdf) {
-  const auto [tail, e] = normal_lower_tail(x.abs());
+  const auto [tail, e] = normal_lower_tail<P>(x.abs());
   cdf = select_less(VecF(0.0f), x, VecF(1.0f) - tail, tail);  // NaN: tail is NaN
   pdf = e * VecF(0.39894228040143267794f);
 }
 
 // erf: Taylor series x * sum_k c_k x^2k, c_k = (2/sqrt(pi)) (-1)^k / (k! (2k + 1)), below 0.5
 // (truncation < 1e-9 relative: full precision near 0, where 1 - erfc cancels); above,
-// erf(a) = 1 - 2 Phi(-sqrt(2) a) (absolute error < 1.5e-7, i.e. ~2 ulp of erf >= 0.52).
+// erf(a) = 1 - 2 Phi(-sqrt(2) a) (absolute error < 1.5e-7, i.e. ~2 ulp of erf >= 0.52). kBFloat16:
+// the series to x^9 (< 1e-6).
+template <Precision P = Precision::kFull>
 inline VecF erf(const VecF& x) {
   constexpr double kTwoOverSqrtPi = 1.12837916709551257390;
   const VecF x2 = x * x;
-  VecF series = VecF(static_cast<float>(kTwoOverSqrtPi / 9360));
-  series = at::vec::fmadd(series, x2, VecF(static_cast<float>(-kTwoOverSqrtPi / 1320)));
-  series = at::vec::fmadd(series, x2, VecF(static_cast<float>(kTwoOverSqrtPi / 216)));
+  VecF series = VecF(static_cast<float>(kTwoOverSqrtPi / 216));
+  if constexpr (P == Precision::kFull) {
+    series = VecF(static_cast<float>(kTwoOverSqrtPi / 9360));
+    series = at::vec::fmadd(series, x2, VecF(static_cast<float>(-kTwoOverSqrtPi / 1320)));
+    series = at::vec::fmadd(series, x2, VecF(static_cast<float>(kTwoOverSqrtPi / 216)));
+  }
   series = at::vec::fmadd(series, x2, VecF(static_cast<float>(-kTwoOverSqrtPi / 42)));
   series = at::vec::fmadd(series, x2, VecF(static_cast<float>(kTwoOverSqrtPi / 10)));
   series = at::vec::fmadd(series, x2, VecF(static_cast<float>(-kTwoOverSqrtPi / 3)));
   series = at::vec::fmadd(series, x2, VecF(static_cast<float>(kTwoOverSqrtPi)));
   const VecF a = x.abs();
   const VecF one_minus =
-      at::vec::fnmadd(VecF(2.0f), normal_lower_tail(a * VecF(1.41421356237309504880f)).tail,
+      at::vec::fnmadd(VecF(2.0f), normal_lower_tail<P>(a * VecF(1.41421356237309504880f)).tail,
                       VecF(1.0f));
   const VecF large = select_less(x, VecF(0.0f), one_minus.neg(), one_minus);
   return select_less(a, VecF(0.5f), x * series, large);  // NaN: a < 0.5 false, large is NaN
@@ -287,7 +339,8 @@ struct Avx512Mask<double> {
 };
 #endif
 
-template <class T>
+// P: the float math's precision (vec_detail::Precision); double always uses at::vec's.
+template <class T, vec_detail::Precision P = vec_detail::Precision::kFull>
 struct VecMath {
   using V = at::vec::Vectorized<T>;
 #if defined(CPU_CAPABILITY_AVX512)
@@ -312,14 +365,14 @@ struct VecMath {
 #endif
   static V exp(const V& x) {
     if constexpr (std::is_same_v<T, float>) {
-      return vec_detail::exp(x);
+      return vec_detail::exp<P>(x);
     } else {
       return x.exp();
     }
   }
   static V expm1(const V& x) {
     if constexpr (std::is_same_v<T, float>) {
-      return vec_detail::expm1(x);
+      return vec_detail::expm1<P>(x);
     } else {
       return x.expm1();
     }
@@ -334,21 +387,21 @@ struct VecMath {
   // log1p for x in [0, 1] only (see vec_detail::log1p_unit)
   static V log1p_unit(const V& x) {
     if constexpr (std::is_same_v<T, float>) {
-      return vec_detail::log1p_unit(x);
+      return vec_detail::log1p_unit<P>(x);
     } else {
       return x.log1p();
     }
   }
   static V erf(const V& x) {
     if constexpr (std::is_same_v<T, float>) {
-      return vec_detail::erf(x);
+      return vec_detail::erf<P>(x);
     } else {
       return x.erf();
     }
   }
   static void normal_cdf_pdf(const V& x, V& cdf, V& pdf) {
     if constexpr (std::is_same_v<T, float>) {
-      vec_detail::normal_cdf_pdf(x, cdf, pdf);
+      vec_detail::normal_cdf_pdf<P>(x, cdf, pdf);
     } else {
       cdf = V(0.5) * (x * V(-0.70710678118654752440)).erfc();
       pdf = (V(-0.5) * x * x).exp() * V(0.39894228040143267794);
