@@ -61,7 +61,10 @@ def measure(fn: Callable[[], object], device: torch.device, config: TimingConfig
 
 
 def _measure_cpu(fn, config: TimingConfig) -> Timing:
-    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    # Timer runs its statement with num_threads threads (default 1, whatever torch has set):
+    # time with the process's thread count, which the records report as torch_threads
+    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn},
+                                  num_threads=torch.get_num_threads())
     measurement = timer.blocked_autorange(min_run_time=config.cpu_min_run_time_s)
     times = sorted(measurement.times)  # seconds per call, one value per block
     return Timing(measurement.median, _quantile(times, 0.2), _quantile(times, 0.8))

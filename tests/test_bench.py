@@ -139,6 +139,20 @@ def _kernel_row(mode, **fields):
             "log2_numel": 22, "mode": mode, "contender": "mishkit-cpu", **fields}
 
 
+def test_cpu_timing_runs_with_the_process_thread_count():
+    # the records report torch.get_num_threads(); torch.utils.benchmark.Timer would otherwise
+    # time with one thread
+    seen = []
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        timing.measure(lambda: seen.append(torch.get_num_threads()), torch.device("cpu"),
+                       timing.TimingConfig(cpu_min_run_time_s=0.01, warmup_calls=0))
+    finally:
+        torch.set_num_threads(previous)
+    assert seen and set(seen) == {2}
+
+
 def test_targets_met_not_met_and_not_measured():
     records = [_kernel_row("forward", speedup={"native": 1.25}),
                _kernel_row("forward+backward", speedup={"native": 0.8})]
