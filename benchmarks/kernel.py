@@ -1,8 +1,9 @@
 """The activation kernel grid: activation × dtype × size × mode × contender, one JSON row each.
 
 Per (dtype, size) a device-to-device copy of the same bytes is timed in the same run; every row
-reports its bandwidth against it. Forward moves 2N elements, backward 3N (x and grad_out in,
-grad_in out), forward+backward 5N.
+reports its bandwidth against it. The contenders of a case are timed side by side (on CPU in
+alternating rounds, ``timing.measure_side_by_side``), so their ratios share the machine's state.
+Forward moves 2N elements, backward 3N (x and grad_out in, grad_in out), forward+backward 5N.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from mishkit.registry import get_spec
 
 from . import contenders as contenders_mod
 from .probes import peak_memory_bytes, saved_bytes
-from .timing import Timing, TimingConfig, cycling, measure, rotation_count
+from .timing import Timing, TimingConfig, cycling, measure, measure_side_by_side, rotation_count
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ELEMENTS_MOVED = {"forward": 2, "backward": 3, "forward+backward": 5}
@@ -82,9 +83,13 @@ def run_kernel_grid(grid: KernelGrid, device: torch.device, timing: TimingConfig
             yield _copy_record(dtype_name, log2, numel, dtype, copy_cache[dtype_name, log2])
         copy = copy_cache[dtype_name, log2]
         spec = get_spec(activation)
-        rows = []
+        rows, pending = [], []
         for contender in chosen:
-            rows += _contender_rows(spec, contender, ctx, grid.modes, numel, dtype, device, timing)
+            rows += _contender_rows(spec, contender, ctx, grid.modes, numel, dtype, device, timing,
+                                    pending)
+            if device.type == "cuda":  # one contender's inputs alive at a time
+                _measure_pending(pending, device, timing)
+        _measure_pending(pending, device, timing)
         _add_ratios(rows, dtype, numel, copy)
         for row in rows:
             row.update(activation=activation, dtype=dtype_name, numel=numel, log2_numel=log2)
@@ -114,7 +119,10 @@ def _copy_record(dtype_name, log2, numel, dtype, t: Timing) -> dict:
             "gbps": bytes_moved / t.median / 1e9}
 
 
-def _contender_rows(spec, contender, ctx, modes, numel, dtype, device, timing) -> list[dict]:
+def _contender_rows(spec, contender, ctx, modes, numel, dtype, device, timing,
+                    pending: list) -> list[dict]:
+    """The contender's rows; each timed one gets its step appended to ``pending`` for
+    ``_measure_pending`` (all contenders of a case side by side)."""
     base = {"record": "kernel", "contender": contender.name, "role": contender.role}
     try:
         forward = contender.build(spec, ctx)
@@ -133,7 +141,7 @@ def _contender_rows(spec, contender, ctx, modes, numel, dtype, device, timing) -
             row["saved_bytes_error"] = saved_error
         try:
             step = _mode_step(mode, forward, numel, dtype, device, timing)
-            t = measure(step, device, timing)
+            step()  # fails here, not inside the side-by-side timing
             peak = None
             if mode == "forward+backward" and device.type == "cuda":
                 one = _mode_step(mode, forward, numel, dtype, device, timing, count=1)
@@ -141,11 +149,18 @@ def _contender_rows(spec, contender, ctx, modes, numel, dtype, device, timing) -
         except Exception as exc:  # a contender that fails here must not end the whole run
             rows.append({**row, "status": "error", "reason": f"{type(exc).__name__}: {exc}"})
             continue
-        rows.append({**row, "status": "ok", "time_ms_median": t.median * 1e3,
-                     "time_ms_p20": t.p20 * 1e3, "time_ms_p80": t.p80 * 1e3,
-                     "peak_memory_bytes": peak})
-        del step
+        rows.append({**row, "status": "ok", "peak_memory_bytes": peak})
+        pending.append((rows[-1], step))
     return rows
+
+
+def _measure_pending(pending: list, device, timing) -> None:
+    """Time the pending steps side by side, fill in their rows' times, and empty the list."""
+    timings = measure_side_by_side([step for _, step in pending], device, timing)
+    for (row, _), t in zip(pending, timings):
+        row.update(time_ms_median=t.median * 1e3, time_ms_p20=t.p20 * 1e3,
+                   time_ms_p80=t.p80 * 1e3)
+    pending.clear()
 
 
 def _inputs(numel, dtype, device, count, grad):

@@ -2,7 +2,8 @@
 
 GPU: ``triton.testing.do_bench`` (CUDA events; it flushes L2 before every repetition, so inputs
 are never cache-hot) with CUDA events as the fallback. CPU: ``torch.utils.benchmark``, whose
-blocked measurements give the spread; CPU inputs are rotated by the caller (``rotation_count``).
+blocked measurements give the spread; CPU inputs are rotated by the caller (``rotation_count``),
+and contenders compared with each other are timed in alternating rounds (``measure_side_by_side``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ class TimingConfig:
     # Rotate CPU inputs across at least this many bytes: twice the 32 MiB L3 of the reference
     # machine, so a small input comes from memory, as inside a network, not from cache.
     cpu_rotation_bytes: int = 64 * 2**20
+    # CPU contenders of one case are timed in this many alternating rounds (cpu_min_run_time_s
+    # split across them): on a shared machine memory bandwidth drifts by up to 2x within
+    # seconds, and timing each contender in one stretch turned that drift into their ratios.
+    cpu_rounds: int = 5
 
 
 def rotation_count(bytes_per_input: int, device: torch.device, config: TimingConfig) -> int:
@@ -60,14 +65,40 @@ def measure(fn: Callable[[], object], device: torch.device, config: TimingConfig
     return _measure_cpu(fn, config)
 
 
-def _measure_cpu(fn, config: TimingConfig) -> Timing:
+def measure_side_by_side(fns: Sequence[Callable[[], object]], device: torch.device,
+                         config: TimingConfig) -> list[Timing]:
+    """Time several callables against each other: on CPU in ``cpu_rounds`` alternating rounds,
+    each callable's blocks pooled over the rounds; on GPU one after the other (do_bench's
+    repetitions already interleave with L2 flushes, and fewer live inputs keep memory low)."""
+    if device.type == "cuda" or config.cpu_rounds <= 1 or len(fns) == 1:
+        return [measure(fn, device, config) for fn in fns]
+    for fn in fns:
+        for _ in range(config.warmup_calls):
+            fn()
+    per_round = config.cpu_min_run_time_s / config.cpu_rounds
+    blocks: list[list[float]] = [[] for _ in fns]
+    for _ in range(config.cpu_rounds):
+        for times, fn in zip(blocks, fns):
+            times += _cpu_blocks(fn, per_round)
+    return [_timing_of(sorted(times)) for times in blocks]
+
+
+def _cpu_blocks(fn, min_run_time: float) -> list[float]:
+    """Seconds per call, one value per block of ``torch.utils.benchmark``'s blocked_autorange."""
     # Timer runs its statement with num_threads threads (default 1, whatever torch has set):
     # time with the process's thread count, which the records report as torch_threads
     timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn},
                                   num_threads=torch.get_num_threads())
-    measurement = timer.blocked_autorange(min_run_time=config.cpu_min_run_time_s)
-    times = sorted(measurement.times)  # seconds per call, one value per block
-    return Timing(measurement.median, _quantile(times, 0.2), _quantile(times, 0.8))
+    return list(timer.blocked_autorange(min_run_time=min_run_time).times)
+
+
+def _timing_of(sorted_times: Sequence[float]) -> Timing:
+    return Timing(_quantile(sorted_times, 0.5), _quantile(sorted_times, 0.2),
+                  _quantile(sorted_times, 0.8))
+
+
+def _measure_cpu(fn, config: TimingConfig) -> Timing:
+    return _timing_of(sorted(_cpu_blocks(fn, config.cpu_min_run_time_s)))
 
 
 def _measure_cuda(fn, config: TimingConfig) -> Timing:

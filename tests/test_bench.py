@@ -153,6 +153,17 @@ def test_cpu_timing_runs_with_the_process_thread_count():
     assert seen and set(seen) == {2}
 
 
+def test_side_by_side_timing_alternates_the_contenders_in_rounds():
+    calls = []
+    config = timing.TimingConfig(cpu_min_run_time_s=0.02, warmup_calls=1, cpu_rounds=4)
+    results = timing.measure_side_by_side(
+        [lambda: calls.append("a"), lambda: calls.append("b")], torch.device("cpu"), config)
+    # warm-up a, b, then four rounds: a's blocks, b's blocks, a's blocks, ...
+    runs = [key for i, key in enumerate(calls) if i == 0 or calls[i - 1] != key]
+    assert runs[:2] == ["a", "b"] and len(runs) == 2 + 2 * config.cpu_rounds
+    assert all(0 < t.p20 <= t.median <= t.p80 for t in results)
+
+
 def test_targets_met_not_met_and_not_measured():
     records = [_kernel_row("forward", speedup={"native": 1.25}),
                _kernel_row("forward+backward", speedup={"native": 0.8})]
