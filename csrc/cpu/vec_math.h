@@ -133,8 +133,8 @@ inline VecF exp(const VecF& x) {
 
 // expm1(x) = 2^n (expm1(r) + 1 - 2^-n), where 1 - 2^-n is exact for the n that matter (n = 0
 // keeps the full relative precision of expm1(r) near 0). expm1(r): r + r^2 (1/2 + r/6 + ...),
-// Taylor to r^8 (truncation < 1e-9 relative; kBFloat16: to r^6, < 4e-7). x is clamped to [-30, 89]:
-// expm1(-30) rounds to -1.
+// Taylor to r^8 (truncation < 1e-9 relative; kBFloat16: to r^6, < 4e-7). x is clamped to
+// [-30, 89]: expm1(-30) rounds to -1.
 template <Precision P = Precision::kFull>
 inline VecF expm1(const VecF& x) {
   const VecF v = at::vec::clamp_max(at::vec::clamp_min(x, VecF(-30.0f)), VecF(89.0f));
@@ -201,9 +201,8 @@ inline VecF log1p(const VecF& x) { return x.log1p(); }
 // log1p(u) for u in [0, 1] (NaN passes; other u are outside the fit): log1p(u) = 2 atanh(s) with
 // s = u / (2 + u) in [0, 1/3], and 2 atanh(s) / s = P(s^2), a degree-4 minimax fit on [0, 1/9]
 // (relative error < 8e-9, so <= 2 ulp in all, the division's rounding included; kBFloat16:
-// degree 3, < 2e-7). A third of the
-// general log1p's instructions: no exponent split, no special cases. softplus, serf and logish
-// only take log1p of e^-|x| or of a sigmoid, which lie in [0, 1].
+// degree 3, < 2e-7). A third of the general log1p's instructions: no exponent split, no special
+// cases. softplus, serf and logish only take log1p of e^-|x| or of a sigmoid, which lie in [0, 1].
 template <Precision P = Precision::kFull>
 inline VecF log1p_unit(const VecF& u) {
   const VecF s = u / (u + VecF(2.0f));
@@ -234,9 +233,9 @@ inline VecF select_less(const VecF& a, const VecF& b, const VecF& if_true, const
 // t = 1 / (1 + 0.3 a): Phi(-a) = t Q(t) e^(-a^2/2), Q a degree-7 minimax fit of
 // Phi(-a) e^(a^2/2) / t over [0, 14.5] (relative error < 2e-7; Phi(-14.5) is below float's
 // smallest subnormal). a^2 = hi + lo exactly, so that e^(-a^2/2) = e^(-hi/2) (1 - lo/2) keeps its
-// relative precision where a^2 is large. kBFloat16: t = 1 / (1 + 0.31 a) and degree 5 (< 5e-6), a^2
-// rounded (< 3e-6 more). The polynomial and the exponential are independent, so
-// their latencies overlap (the erfc fit this replaced sat inside the exponential's argument).
+// relative precision where a^2 is large. kBFloat16: t = 1 / (1 + 0.31 a) and degree 5 (< 5e-6),
+// a^2 rounded (< 3e-6 more). The polynomial and the exponential are independent, so their
+// latencies overlap (the erfc fit this replaced sat inside the exponential's argument).
 struct LowerTail {
   VecF tail;          // Phi(-a)
   VecF exp_half_sq;   // e^(-a^2/2)
@@ -283,8 +282,8 @@ inline void normal_cdf_pdf(const VecF& x, VecF& cdf, VecF& pdf) {
 
 // erf: Taylor series x * sum_k c_k x^2k, c_k = (2/sqrt(pi)) (-1)^k / (k! (2k + 1)), below 0.5
 // (truncation < 1e-9 relative: full precision near 0, where 1 - erfc cancels); above,
-// erf(a) = 1 - 2 Phi(-sqrt(2) a) (absolute error < 1.5e-7, i.e. ~2 ulp of erf >= 0.52). kBFloat16:
-// the series to x^9 (< 1e-6).
+// erf(a) = 1 - 2 Phi(-sqrt(2) a) (measured through serf: <= 4 ulp, softplus's rounding included).
+// kBFloat16: the series to x^9 (< 1e-6).
 template <Precision P = Precision::kFull>
 inline VecF erf(const VecF& x) {
   constexpr double kTwoOverSqrtPi = 1.12837916709551257390;
