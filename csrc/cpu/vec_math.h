@@ -41,6 +41,17 @@ using VecF = at::vec::Vectorized<float>;
 // instructions per activation. act_kernels_impl.h says where each is used.
 enum class Precision { kFull, kBFloat16 };
 
+// c_n x^n + ... + c_1 x + c_0 for (leading = c_n, rest = c_(n-1), ..., c_0) by Horner's rule: one
+// fmadd per coefficient after the first, in that order. float coefficients only, so each constant
+// is the float literal written at the call.
+template <class... Rest>
+inline VecF horner(const VecF& x, float leading, Rest... rest) {
+  static_assert((std::is_same_v<Rest, float> && ...), "write the coefficients as float literals");
+  VecF p = VecF(leading);
+  ((p = at::vec::fmadd(p, x, VecF(rest))), ...);
+  return p;
+}
+
 #if MISHKIT_INLINE_FLOAT_MATH
 // -- the two bit-level primitives, per instruction set ------------------------------------------
 // (No default-constructed Vectorized anywhere below: GCC compiles at::vec's in-class constructors
@@ -109,17 +120,10 @@ inline VecF reduce_ln2(const VecF& x, const VecF& n) {
 // degree 5, < 3e-6)
 template <Precision P>
 inline VecF exp_reduced(const VecF& r) {
-  VecF p = VecF(1.0f / 120);
-  if constexpr (P == Precision::kFull) {
-    p = VecF(1.0f / 5040);
-    p = at::vec::fmadd(p, r, VecF(1.0f / 720));
-    p = at::vec::fmadd(p, r, VecF(1.0f / 120));
+  if constexpr (P == Precision::kBFloat16) {
+    return horner(r, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f);
   }
-  p = at::vec::fmadd(p, r, VecF(1.0f / 24));
-  p = at::vec::fmadd(p, r, VecF(1.0f / 6));
-  p = at::vec::fmadd(p, r, VecF(0.5f));
-  p = at::vec::fmadd(p, r, VecF(1.0f));
-  return at::vec::fmadd(p, r, VecF(1.0f));
+  return horner(r, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f);
 }
 
 // x is clamped to [-104, 89] first (exp(-104) rounds to 0, exp(89) overflows); clamp_min/max
@@ -140,16 +144,10 @@ inline VecF expm1(const VecF& x) {
   const VecF v = at::vec::clamp_max(at::vec::clamp_min(x, VecF(-30.0f)), VecF(89.0f));
   const VecF n = nearest_ln2_multiple(v);
   const VecF r = reduce_ln2<P>(v, n);
-  VecF p = VecF(1.0f / 720);
-  if constexpr (P == Precision::kFull) {
-    p = VecF(1.0f / 40320);
-    p = at::vec::fmadd(p, r, VecF(1.0f / 5040));
-    p = at::vec::fmadd(p, r, VecF(1.0f / 720));
-  }
-  p = at::vec::fmadd(p, r, VecF(1.0f / 120));
-  p = at::vec::fmadd(p, r, VecF(1.0f / 24));
-  p = at::vec::fmadd(p, r, VecF(1.0f / 6));
-  p = at::vec::fmadd(p, r, VecF(0.5f));
+  const VecF p =
+      P == Precision::kBFloat16
+          ? horner(r, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f)
+          : horner(r, 1.0f / 40320, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f);
   const VecF em1_r = at::vec::fmadd(p, r * r, r);
   const VecF one_minus = VecF(1.0f) - scale_by_pow2(VecF(1.0f), n.neg());
   return scale_by_pow2(em1_r + one_minus, n);
@@ -173,15 +171,9 @@ inline VecF log1p(const VecF& x) {
       at::vec::fmadd(estimate, at::vec::fnmadd(u, estimate, VecF(1.0f)), estimate);
   const VecF c = (x - (u - VecF(1.0f))) * inv_u;
   const VecF z = f * f;
-  VecF p = VecF(7.0376836292e-2f);
-  p = at::vec::fmadd(p, f, VecF(-1.1514610310e-1f));
-  p = at::vec::fmadd(p, f, VecF(1.1676998740e-1f));
-  p = at::vec::fmadd(p, f, VecF(-1.2420140846e-1f));
-  p = at::vec::fmadd(p, f, VecF(1.4249322787e-1f));
-  p = at::vec::fmadd(p, f, VecF(-1.6668057665e-1f));
-  p = at::vec::fmadd(p, f, VecF(2.0000714765e-1f));
-  p = at::vec::fmadd(p, f, VecF(-2.4999993993e-1f));
-  p = at::vec::fmadd(p, f, VecF(3.3333331174e-1f));
+  const VecF p = horner(f, 7.0376836292e-2f, -1.1514610310e-1f, 1.1676998740e-1f,
+                        -1.2420140846e-1f, 1.4249322787e-1f, -1.6668057665e-1f, 2.0000714765e-1f,
+                        -2.4999993993e-1f, 3.3333331174e-1f);
   VecF y = at::vec::fmadd(f * z, p, at::vec::fmadd(k, VecF(kLn2Lo), c));
   y = at::vec::fmadd(z, VecF(-0.5f), y);
   VecF result = at::vec::fmadd(k, VecF(kLn2Hi), f + y);
@@ -208,16 +200,10 @@ inline VecF log1p_unit(const VecF& u) {
   const VecF s = u / (u + VecF(2.0f));
   const VecF w = s * s;
   if constexpr (P == Precision::kBFloat16) {
-    VecF p = VecF(3.4226027131e-1f);
-    p = at::vec::fmadd(p, w, VecF(3.9589464664e-1f));
-    p = at::vec::fmadd(p, w, VecF(6.6676002741e-1f));
-    return s * at::vec::fmadd(p, w, VecF(1.9999996424f));
+    return s * horner(w, 3.4226027131e-1f, 3.9589464664e-1f, 6.6676002741e-1f, 1.9999996424f);
   }
-  VecF p = VecF(2.8178316355e-1f);
-  p = at::vec::fmadd(p, w, VecF(2.7960607409e-1f));
-  p = at::vec::fmadd(p, w, VecF(4.0024909377e-1f));
-  p = at::vec::fmadd(p, w, VecF(6.6666316986e-1f));
-  return s * at::vec::fmadd(p, w, VecF(2.0f));
+  return s * horner(w, 2.8178316355e-1f, 2.7960607409e-1f, 4.0024909377e-1f, 6.6666316986e-1f,
+                    2.0f);
 }
 
 // a < b ? if_true : if_false (false for NaN); one k-mask blend in the AVX-512 build
@@ -242,33 +228,22 @@ struct LowerTail {
 };
 template <Precision P = Precision::kFull>
 inline LowerTail normal_lower_tail(const VecF& a) {
-  if constexpr (P == Precision::kBFloat16) {
-    const VecF t = VecF(1.0f) / at::vec::fmadd(VecF(0.31f), a, VecF(1.0f));
-    VecF q = VecF(-7.392925769e-02f);
-    q = at::vec::fmadd(q, t, VecF(1.804507077e-01f));
-    q = at::vec::fmadd(q, t, VecF(1.574430428e-02f));
-    q = at::vec::fmadd(q, t, VecF(1.334300041e-01f));
-    q = at::vec::fmadd(q, t, VecF(1.204412282e-01f));
-    q = at::vec::fmadd(q, t, VecF(1.238607094e-01f));
-    const VecF a_c = at::vec::clamp_max(a, VecF(15.0f));
-    const VecF e = exp<P>(a_c * a_c * VecF(-0.5f));
-    return {(t * q) * e, e};
-  }
-  const VecF t = VecF(1.0f) / at::vec::fmadd(VecF(0.3f), a, VecF(1.0f));  // a = inf: t = 0
-  VecF q = VecF(3.542378172e-02f);
-  q = at::vec::fmadd(q, t, VecF(-1.561586261e-01f));
-  q = at::vec::fmadd(q, t, VecF(2.045570761e-01f));
-  q = at::vec::fmadd(q, t, VecF(-5.203426257e-02f));
-  q = at::vec::fmadd(q, t, VecF(1.276918799e-01f));
-  q = at::vec::fmadd(q, t, VecF(1.001759171e-01f));
-  q = at::vec::fmadd(q, t, VecF(1.207121387e-01f));
-  q = at::vec::fmadd(q, t, VecF(1.196320057e-01f));
+  constexpr bool kShort = P == Precision::kBFloat16;
+  const VecF t = VecF(1.0f) / at::vec::fmadd(VecF(kShort ? 0.31f : 0.3f), a, VecF(1.0f));
+  // a = inf: t = 0
+  const VecF q = kShort ? horner(t, -7.392925769e-02f, 1.804507077e-01f, 1.574430428e-02f,
+                                 1.334300041e-01f, 1.204412282e-01f, 1.238607094e-01f)
+                        : horner(t, 3.542378172e-02f, -1.561586261e-01f, 2.045570761e-01f,
+                                 -5.203426257e-02f, 1.276918799e-01f, 1.001759171e-01f,
+                                 1.207121387e-01f, 1.196320057e-01f);
   // e^(-a^2/2) is 0 in float beyond a = 14.5: clamping there keeps a^2 and lo finite
   const VecF a_c = at::vec::clamp_max(a, VecF(15.0f));
   const VecF hi = a_c * a_c;
-  const VecF lo = at::vec::fmsub(a_c, a_c, hi);
   VecF e = exp<P>(hi * VecF(-0.5f));
-  e = at::vec::fnmadd(e, lo * VecF(0.5f), e);
+  if constexpr (!kShort) {
+    const VecF lo = at::vec::fmsub(a_c, a_c, hi);
+    e = at::vec::fnmadd(e, lo * VecF(0.5f), e);
+  }
   return {(t * q) * e, e};  // normal factors first: one rounding where e is subnormal
 }
 
@@ -288,16 +263,11 @@ template <Precision P = Precision::kFull>
 inline VecF erf(const VecF& x) {
   constexpr double kTwoOverSqrtPi = 1.12837916709551257390;
   const VecF x2 = x * x;
-  VecF series = VecF(static_cast<float>(kTwoOverSqrtPi / 216));
-  if constexpr (P == Precision::kFull) {
-    series = VecF(static_cast<float>(kTwoOverSqrtPi / 9360));
-    series = at::vec::fmadd(series, x2, VecF(static_cast<float>(-kTwoOverSqrtPi / 1320)));
-    series = at::vec::fmadd(series, x2, VecF(static_cast<float>(kTwoOverSqrtPi / 216)));
-  }
-  series = at::vec::fmadd(series, x2, VecF(static_cast<float>(-kTwoOverSqrtPi / 42)));
-  series = at::vec::fmadd(series, x2, VecF(static_cast<float>(kTwoOverSqrtPi / 10)));
-  series = at::vec::fmadd(series, x2, VecF(static_cast<float>(-kTwoOverSqrtPi / 3)));
-  series = at::vec::fmadd(series, x2, VecF(static_cast<float>(kTwoOverSqrtPi)));
+  constexpr float c0 = kTwoOverSqrtPi, c1 = -kTwoOverSqrtPi / 3, c2 = kTwoOverSqrtPi / 10,
+                  c3 = -kTwoOverSqrtPi / 42, c4 = kTwoOverSqrtPi / 216,
+                  c5 = -kTwoOverSqrtPi / 1320, c6 = kTwoOverSqrtPi / 9360;
+  const VecF series = P == Precision::kBFloat16 ? horner(x2, c4, c3, c2, c1, c0)
+                                                : horner(x2, c6, c5, c4, c3, c2, c1, c0);
   const VecF a = x.abs();
   const VecF one_minus =
       at::vec::fnmadd(VecF(2.0f), normal_lower_tail<P>(a * VecF(1.41421356237309504880f)).tail,
