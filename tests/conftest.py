@@ -18,3 +18,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def cpu_build(request):
+    """The test runs on the extension's CPU build ``request.param`` (parametrize indirectly with
+    helpers.cpu_build_params); the previous build is restored afterwards."""
+    from mishkit import backends
+
+    extension, reason = backends.extension_module()
+    if extension is None:
+        pytest.skip(f"extension not built: {reason}")
+    previous = extension.cpu_capability()
+    extension.set_cpu_capability(request.param)
+    yield request.param
+    extension.set_cpu_capability(previous)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+from mishkit import info
 from mishkit.memory import saved_tensor_bytes
 from mishkit.registry import ACTIVATIONS
 
@@ -27,6 +29,26 @@ SPECIAL = [0.0, -0.0, 1e-40, -1e-40, 1e-310, -1e-310, 1e-7, -1e-7, 1e-3, -1e-3, 
            10.5, -10.5, 15.0, -15.0, 19.9, 20.0, 20.1, -20.0, 20.5, 30.0, -30.0, 88.0, -88.0,
            89.0, 100.0, -100.0, -104.0, 1e4, -1e4, 1e20, -1e20, 3e38, -3e38,
            math.inf, -math.inf, math.nan]
+
+
+# Each CPU build's requirements as csrc/cpu/act_dispatch.cpp checks them (__builtin_cpu_supports),
+# written out here, so that the tests check mishkit.info's copy rather than use it.
+CPU_BUILD_REQUIREMENTS = {
+    "default": (),
+    "avx2": ("avx2", "fma", "f16c"),
+    "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"),
+}
+_CPU_FLAGS = info.cpu_model_and_flags()[1] or frozenset()
+SUPPORTED_CPU_BUILDS = [name for name, needs in CPU_BUILD_REQUIREMENTS.items()
+                        if _CPU_FLAGS.issuperset(needs)]
+
+
+def cpu_build_params(names=tuple(CPU_BUILD_REQUIREMENTS)) -> list:
+    """pytest params for the ``cpu_build`` fixture (conftest.py), skipped where this CPU lacks
+    a build's instructions."""
+    return [pytest.param(name, marks=pytest.mark.skipif(
+        name not in SUPPORTED_CPU_BUILDS,
+        reason=f"this CPU lacks {'/'.join(CPU_BUILD_REQUIREMENTS[name])}")) for name in names]
 
 
 def param_list(name: str) -> list[float]:

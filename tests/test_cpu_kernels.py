@@ -15,31 +15,17 @@ import torch
 from mishkit import backends, info
 from mishkit.registry import ACTIVATIONS
 
-from .helpers import param_list
+from .helpers import SUPPORTED_CPU_BUILDS, cpu_build_params, param_list
 
 _C, _REASON = backends.extension_module()
 pytestmark = pytest.mark.skipif(_C is None, reason=f"extension not built: {_REASON}")
 ops = torch.ops.mishkit
 
 _, FLAGS = info.cpu_model_and_flags()
-SUPPORTED = [name for name, needs in info.CPU_BUILD_FLAGS.items()
-             if FLAGS is not None and FLAGS.issuperset(needs)]
-VECTOR_BUILDS = [
-    pytest.param(name, marks=pytest.mark.skipif(name not in SUPPORTED,
-                                                reason=f"this CPU cannot run the {name} build"))
-    for name in ("avx2", "avx512")
-]
+VECTOR_BUILDS = cpu_build_params(("avx2", "avx512"))
 # 4 float32 ulp: the inlined functions measure <= 1.5 ulp each, and one activation adds a few
 # roundings around them
 ULP4 = 4 * 2.0**-23
-
-
-@pytest.fixture
-def build(request):
-    previous = _C.cpu_capability()
-    _C.set_cpu_capability(request.param)
-    yield request.param
-    _C.set_cpu_capability(previous)
 
 
 def dense_grid(lo: float, hi: float) -> torch.Tensor:
@@ -53,8 +39,8 @@ def assert_within(actual: torch.Tensor, expected: torch.Tensor, rtol: float, ato
     torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, equal_nan=True)
 
 
-@pytest.mark.parametrize("build", VECTOR_BUILDS, indirect=True)
-def test_inlined_expm1_and_exp_through_elu(build):
+@pytest.mark.parametrize("cpu_build", VECTOR_BUILDS, indirect=True)
+def test_inlined_expm1_and_exp_through_elu(cpu_build):
     # elu(x) = expm1(x) and elu'(x) = exp(x) for x <= 0 (alpha = 1): every exponent down to the
     # saturation at -1 and the subnormal range of exp
     x = dense_grid(-110.0, 0.0)
@@ -63,16 +49,16 @@ def test_inlined_expm1_and_exp_through_elu(build):
     assert_within(grad, torch.exp(x.double()), ULP4, 2e-38)  # below 2^-126 exp is subnormal
 
 
-@pytest.mark.parametrize("build", VECTOR_BUILDS, indirect=True)
-def test_inlined_log1p_through_softplus(build):
+@pytest.mark.parametrize("cpu_build", VECTOR_BUILDS, indirect=True)
+def test_inlined_log1p_through_softplus(cpu_build):
     # softplus(x) = log1p(exp(x)) below the threshold: log1p of every magnitude in (0, e^88)
     x = dense_grid(-100.0, 88.0)
     got = ops.act_forward(x, "softplus", [1.0, 1000.0])
     assert_within(got, torch.log1p(torch.exp(x.double())), ULP4, 1e-43)
 
 
-@pytest.mark.parametrize("build", VECTOR_BUILDS, indirect=True)
-def test_gelu_keeps_relative_precision_down_to_the_underflow_of_phi(build):
+@pytest.mark.parametrize("cpu_build", VECTOR_BUILDS, indirect=True)
+def test_gelu_keeps_relative_precision_down_to_the_underflow_of_phi(cpu_build):
     # x Phi(x) and Phi(x) + x phi(x) from one exponential: relative accuracy for x << 0 too,
     # where 0.5 (1 + erf) cancels; Phi underflows float near x = -13
     x = dense_grid(-13.0, 30.0)
@@ -85,8 +71,8 @@ def test_gelu_keeps_relative_precision_down_to_the_underflow_of_phi(build):
     assert_within(grad, cdf + xd * pdf, 1e-6, 3e-7)
 
 
-@pytest.mark.parametrize("build", VECTOR_BUILDS, indirect=True)
-def test_erf_and_log1p_on_the_unit_interval_through_serf(build):
+@pytest.mark.parametrize("cpu_build", VECTOR_BUILDS, indirect=True)
+def test_erf_and_log1p_on_the_unit_interval_through_serf(cpu_build):
     # x erf(softplus(x)): erf's series below 0.5 and 1 - 2 Phi(-sqrt(2) a) above, after
     # softplus's log1p of e^-|x| in (0, 1]; relative accuracy down to results near 1e-35
     x = dense_grid(-80.0, 30.0)
@@ -102,10 +88,10 @@ def ordered_bits(t: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, -(bits & 0x7FFF), bits)
 
 
-@pytest.mark.parametrize("build", VECTOR_BUILDS, indirect=True)
+@pytest.mark.parametrize("cpu_build", VECTOR_BUILDS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
-def test_half_types_are_the_float_result_rounded_on_all_inputs(name, dtype, build):
+def test_half_types_are_the_float_result_rounded_on_all_inputs(name, dtype, cpu_build):
     # every finite bit pattern: the half-type loops (bfloat16 with the shorter kBFloat16 float
     # math) within one ulp of the float kernel's result rounded to dtype, forward and backward
     x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
@@ -122,8 +108,8 @@ def test_half_types_are_the_float_result_rounded_on_all_inputs(name, dtype, buil
         assert distance.max() <= 1, (name, x[~got.isnan()][distance.argmax()].item())
 
 
-@pytest.mark.parametrize("build", VECTOR_BUILDS, indirect=True)
-def test_inlined_functions_keep_the_ieee_special_values(build):
+@pytest.mark.parametrize("cpu_build", VECTOR_BUILDS, indirect=True)
+def test_inlined_functions_keep_the_ieee_special_values(cpu_build):
     x = torch.tensor([float("-inf"), float("inf"), float("nan"), 89.0, 88.7, -104.0, -0.0, 0.0])
     elu = ops.act_forward(x, "elu", [1.0])  # expm1 where x <= 0, x itself above
     torch.testing.assert_close(elu[:3], torch.tensor([-1.0, float("inf"), float("nan")]),
@@ -151,7 +137,7 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("spelling", ["AVX2", "Avx512", "DEFAULT", "avx2"])
 def test_environment_override_accepts_any_case(spelling):
-    if spelling.lower() not in SUPPORTED:
+    if spelling.lower() not in SUPPORTED_CPU_BUILDS:
         pytest.skip(f"this CPU cannot run the {spelling.lower()} build")
     result = run_python("from mishkit import _C; print(_C.cpu_capability())",
                         MISHKIT_CPU_CAPABILITY=spelling)
@@ -162,7 +148,7 @@ def test_environment_override_accepts_any_case(spelling):
 def test_set_cpu_capability_accepts_any_case():
     previous = _C.cpu_capability()
     try:
-        for name in SUPPORTED:
+        for name in SUPPORTED_CPU_BUILDS:
             _C.set_cpu_capability(name.upper())
             assert _C.cpu_capability() == name
     finally:
@@ -185,7 +171,8 @@ def test_info_predicts_the_automatic_choice_and_says_why():
     result = run_python(INFO_JSON)
     assert result.returncode == 0, result.stderr
     ext = json.loads(result.stdout)
-    assert ext["cpu_capability"] == info.automatic_cpu_capability(FLAGS) == SUPPORTED[-1]
+    assert ext["cpu_capability"] == info.automatic_cpu_capability(FLAGS)
+    assert ext["cpu_capability"] == SUPPORTED_CPU_BUILDS[-1]
     assert ext["cpu_capability_reason"].startswith("the widest build this CPU supports")
     for flag in info.CPU_BUILD_FLAGS[ext["cpu_capability"]]:
         assert flag in ext["cpu_capability_reason"]
@@ -199,7 +186,7 @@ def test_info_names_a_forced_build():
     assert ext["cpu_capability_reason"] == "forced by MISHKIT_CPU_CAPABILITY=DEFAULT"
 
 
-@pytest.mark.skipif(len(SUPPORTED) < 2, reason="this CPU runs one build only")
+@pytest.mark.skipif(len(SUPPORTED_CPU_BUILDS) < 2, reason="this CPU runs one build only")
 def test_info_names_a_run_time_switch():
     previous = _C.cpu_capability()
     try:
@@ -210,7 +197,7 @@ def test_info_names_a_run_time_switch():
     assert ext["cpu_capability"] == "default"
     if not os.environ.get("MISHKIT_CPU_CAPABILITY"):
         assert ext["cpu_capability_reason"].startswith("switched at run time")
-        assert SUPPORTED[-1] in ext["cpu_capability_reason"]
+        assert SUPPORTED_CPU_BUILDS[-1] in ext["cpu_capability_reason"]
 
 
 def test_info_text_names_the_cpu_and_the_build():

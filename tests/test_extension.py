@@ -18,7 +18,15 @@ import mishkit
 from mishkit import backends
 from mishkit.registry import ACTIVATIONS
 
-from .helpers import DTYPES, SPECIAL, assert_close, param_list
+from .helpers import (
+    CPU_BUILD_REQUIREMENTS,
+    DTYPES,
+    SPECIAL,
+    SUPPORTED_CPU_BUILDS,
+    assert_close,
+    cpu_build_params,
+    param_list,
+)
 from .helpers import kernel_expected as expected
 
 _C, _REASON = backends.extension_module()
@@ -33,34 +41,7 @@ ops = torch.ops.mishkit
 NAMES = list(ACTIVATIONS)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(f.read().split())
-    except OSError:
-        return set()
-
-
-# Each build's requirements, as act_dispatch.cpp checks them with __builtin_cpu_supports.
-REQUIRED_FLAGS = {
-    "default": (),
-    "avx2": ("avx2", "fma", "f16c"),
-    "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"),
-}
-SUPPORTED = [name for name, flags in REQUIRED_FLAGS.items() if _cpu_flags().issuperset(flags)]
-CAPABILITIES = [
-    pytest.param(name, marks=pytest.mark.skipif(
-        name not in SUPPORTED, reason=f"this CPU lacks {'/'.join(REQUIRED_FLAGS[name])}"))
-    for name in REQUIRED_FLAGS
-]
-
-
-@pytest.fixture
-def capability(request):
-    previous = _C.cpu_capability()
-    _C.set_cpu_capability(request.param)
-    yield request.param
-    _C.set_cpu_capability(previous)
+CAPABILITIES = cpu_build_params()
 
 
 def grid(dtype, n_random=300):
@@ -96,7 +77,7 @@ def test_with_cuda_matches_the_registered_kernels():
 def test_cpu_capability_picks_the_best_build_the_cpu_supports():
     if os.environ.get("MISHKIT_CPU_CAPABILITY"):
         pytest.skip("MISHKIT_CPU_CAPABILITY overrides the automatic choice in this environment")
-    assert _C.cpu_capability() == SUPPORTED[-1]
+    assert _C.cpu_capability() == SUPPORTED_CPU_BUILDS[-1]
 
 
 @pytest.mark.parametrize("forced", CAPABILITIES)
@@ -114,7 +95,8 @@ def test_set_cpu_capability_rejects_unknown_names():
         _C.set_cpu_capability("sse9")
 
 
-@pytest.mark.parametrize("missing", [name for name in REQUIRED_FLAGS if name not in SUPPORTED])
+@pytest.mark.parametrize("missing", [name for name in CPU_BUILD_REQUIREMENTS
+                                     if name not in SUPPORTED_CPU_BUILDS])
 def test_set_cpu_capability_refuses_what_the_cpu_lacks(missing):
     previous = _C.cpu_capability()
     with pytest.raises(RuntimeError, match=f"'{missing}' requested, but this CPU lacks"):
@@ -125,7 +107,7 @@ def test_set_cpu_capability_refuses_what_the_cpu_lacks(missing):
 def test_set_cpu_capability_switches_the_reported_build():
     previous = _C.cpu_capability()
     try:
-        for name in SUPPORTED:
+        for name in SUPPORTED_CPU_BUILDS:
             _C.set_cpu_capability(name)
             assert _C.cpu_capability() == name
     finally:
@@ -135,10 +117,10 @@ def test_set_cpu_capability_switches_the_reported_build():
 # -- numerics of every CPU build -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("cpu_build", CAPABILITIES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", NAMES)
-def test_matches_float64_reference_at_extremes(name, dtype, capability):
+def test_matches_float64_reference_at_extremes(name, dtype, cpu_build):
     x = grid(dtype)
     params = param_list(name)
     grad = torch.linspace(-2, 2, x.numel(), dtype=torch.float64).to(dtype)
@@ -149,7 +131,7 @@ def test_matches_float64_reference_at_extremes(name, dtype, capability):
     assert_close(inplace, expected(name, x, params))
 
 
-@pytest.mark.skipif(len(SUPPORTED) < 2, reason="this CPU has no AVX2: one build only")
+@pytest.mark.skipif(len(SUPPORTED_CPU_BUILDS) < 2, reason="this CPU has no AVX2: one build only")
 @settings(max_examples=40, deadline=None)
 @given(name=st.sampled_from(NAMES),
        values=st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=1,
@@ -160,7 +142,7 @@ def test_vector_builds_agree_with_the_baseline(name, values):
     previous = _C.cpu_capability()
     results = {}
     try:
-        for capability in SUPPORTED:
+        for capability in SUPPORTED_CPU_BUILDS:
             _C.set_cpu_capability(capability)
             results[capability] = (ops.act_forward(x, name, params),
                                    ops.act_backward(torch.ones_like(x), x, name, params))
@@ -171,10 +153,10 @@ def test_vector_builds_agree_with_the_baseline(name, values):
                                    msg=lambda m, c=capability: f"{c} vs default: {m}")
 
 
-@pytest.mark.parametrize("capability", CAPABILITIES, indirect=True)
+@pytest.mark.parametrize("cpu_build", CAPABILITIES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("size", [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 65, 100_003])
-def test_vector_body_scalar_tail_and_thread_split(size, dtype, capability):
+def test_vector_body_scalar_tail_and_thread_split(size, dtype, cpu_build):
     # Vectors hold 4 to 32 elements depending on build and dtype; 100_003 elements exceed the
     # parallel grain (32768): several threads, uneven chunks
     x = (torch.randn(size, generator=torch.Generator().manual_seed(size), dtype=torch.float64)
