@@ -2,14 +2,10 @@
 //
 // Implementations register per device: cpu/act_cpu.cpp, cpu/bn_act_cpu.cpp and
 // cpu/bn_act_output_cpu.cpp (CPU), cuda/act_cuda.cpp, cuda/bn_act_cuda.cpp and
-// cuda/bn_act_output_cuda.cpp (CUDA, built only with CUDA). Python registers the
-// fake kernels and the autograd formulas (mishkit/backends/extension.py). Per-channel vectors of
-// the BatchNorm + activation ops are (C,) in the compute dtype. The in-place activation's
-// device-independent kernels (autograd rule, version counter) are here.
-#include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/GradMode.h>
+// cuda/bn_act_output_cuda.cpp (CUDA, built only with CUDA); the activation ops'
+// device-independent kernels (autograd, the in-place op's version counter) in act_autograd.cpp.
+// Python registers the fake kernels and the double backward (mishkit/backends/extension.py).
+// Per-channel vectors of the BatchNorm + activation ops are (C,) in the compute dtype.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/library.h>
@@ -55,51 +51,6 @@ TORCH_LIBRARY(mishkit, m) {
   m.def("bn_act_output_backward_elemt(Tensor grad_out, Tensor y, Tensor mask, Tensor z, "
         "Tensor scale, Tensor shift, Tensor? residual, Tensor coef_xmu, Tensor coef_const, "
         "Tensor table, str name, float[] params) -> (Tensor, Tensor)");
-}
-
-namespace mishkit {
-namespace {
-
-using InplaceSignature = at::Tensor&(at::Tensor&, c10::string_view, c10::ArrayRef<double>);
-
-const c10::TypedOperatorHandle<InplaceSignature>& act_forward_inplace_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mishkit::act_forward_", "")
-                             .typed<InplaceSignature>();
-  return op;
-}
-
-// Autograd: f'(x) needs the x this op overwrites, and no activation here can recover x from f(x),
-// so an in-place call on a tensor autograd tracks is an error (torch raises for in-place ops on
-// leaves the same way); otherwise it runs below autograd.
-at::Tensor& act_forward_inplace_autograd(at::Tensor& x, c10::string_view name,
-                                         c10::ArrayRef<double> params) {
-  TORCH_CHECK(!(c10::GradMode::is_enabled() && x.requires_grad()), "mishkit::act_forward_(",
-              name, "): x requires grad, and the in-place activation would overwrite the input ",
-              "its backward needs; use act_forward, or run under torch.no_grad()");
-  const at::AutoDispatchBelowAutograd guard;
-  return act_forward_inplace_op().call(x, name, params);
-}
-
-// ADInplaceOrView: bump x's version counter (as every torch in-place op does), so autograd
-// refuses a backward through a graph that saved x before this op overwrote it. Bumped first: an
-// inference tensor outside InferenceMode raises torch's error before anything is written.
-at::Tensor& act_forward_inplace_version(at::Tensor& x, c10::string_view name,
-                                        c10::ArrayRef<double> params) {
-  x.unsafeGetTensorImpl()->bump_version();
-  const at::AutoDispatchBelowADInplaceOrView guard;
-  return act_forward_inplace_op().call(x, name, params);
-}
-
-}  // namespace
-}  // namespace mishkit
-
-TORCH_LIBRARY_IMPL(mishkit, Autograd, m) {
-  m.impl("act_forward_", &mishkit::act_forward_inplace_autograd);
-}
-
-TORCH_LIBRARY_IMPL(mishkit, ADInplaceOrView, m) {
-  m.impl("act_forward_", &mishkit::act_forward_inplace_version);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -51,6 +51,8 @@ class ActivationSpec:
 
     def bind(self, args: tuple, kwargs: dict) -> tuple[float, ...]:
         """Resolve positional/keyword parameters to the ordered float tuple the kernels take."""
+        if not args and not kwargs:  # the defaults (the common call, so without the checks)
+            return tuple(map(float, self.params.values()))
         names = list(self.params)
         if len(args) > len(names):
             raise TypeError(

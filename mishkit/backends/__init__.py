@@ -119,16 +119,28 @@ def choose(backend: str, device: torch.device, op_name: str) -> str:
 
     "auto" falls back down the order; a forced backend that can't run raises, saying why.
     """
-    check_backend_name(backend, f"mishkit.{op_name}")
     if backend == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
-            if unavailable_reason(candidate, device) is None:
-                return candidate
-        return "torch"
+        chosen = _AUTO_CHOICE.get(device.type)
+        if chosen is None:
+            chosen = _AUTO_CHOICE[device.type] = _first_available(device)
+        return chosen
+    check_backend_name(backend, f"mishkit.{op_name}")
     reason = unavailable_reason(backend, device)
     if reason is not None:
         raise RuntimeError(f"mishkit.{op_name}: backend {backend!r} is unavailable: {reason}")
     return backend
+
+
+# device type -> the backend "auto" runs there: what decides it (the extension and its CUDA build,
+# Triton's import) is settled at import, and every activation call asks
+_AUTO_CHOICE: dict[str, str] = {}
+
+
+def _first_available(device: torch.device) -> str:
+    for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+        if unavailable_reason(candidate, device) is None:
+            return candidate
+    return "torch"
 
 
 def kernels(backend: str) -> KernelSet:

@@ -4,11 +4,13 @@ the autograd.Function of the pure-torch activations (the reference backend, the 
 Forward saves only ``x``; backward is one call of the backend's fused backward op; double
 backward reuses that op for d/d(grad_out) and the registry's differentiable derivative formula
 for d/dx. Registered with ``torch.library.register_autograd`` so the ops stay real torch ops
-(opcheck, torch.compile) rather than Python autograd.Functions.
+(opcheck, torch.compile) rather than Python autograd.Functions. The C++ extension's forward
+autograd is C++ (``csrc/act_autograd.cpp``, for its per-call cost); its double backward is
+:func:`register_double_backward`.
 
 In-place ops (``Tensor(a!) x -> Tensor(a!)``) get the two device-independent kernels every torch
 in-place op has (:func:`register_inplace_kernels`; the C++ ``act_forward_`` has them in
-``csrc/library.cpp``): Autograd refuses a tensor autograd tracks, ADInplaceOrView bumps the
+``csrc/act_autograd.cpp``): Autograd refuses a tensor autograd tracks, ADInplaceOrView bumps the
 version counter so a graph that saved the overwritten tensor raises in backward.
 """
 
@@ -67,6 +69,14 @@ def register_op_autograd(forward_op: str, backward_op: str, backward_fn) -> None
         (x,) = ctx.saved_tensors
         return backward_fn(grad_out, x, ctx.name, ctx.params), None, None
 
+    torch.library.register_autograd(forward_op, forward_backward, setup_context=setup_forward)
+    register_double_backward(backward_op, backward_fn)
+
+
+def register_double_backward(backward_op: str, backward_fn) -> None:
+    """Autograd of ``backward_op`` (grad_out, x -> grad_out * f'(x)): ``backward_fn`` for
+    d/d(grad_out), f'' from the registry's derivative formula for d/dx."""
+
     def setup_backward(ctx, inputs, output):
         grad_out, x, name, params = inputs
         ctx.save_for_backward(grad_out, x)
@@ -82,7 +92,6 @@ def register_op_autograd(forward_op: str, backward_op: str, backward_fn) -> None
             d_x = grad_grad * grad_out * second_derivative(spec, x, ctx.params)
         return d_grad_out, d_x, None, None
 
-    torch.library.register_autograd(forward_op, forward_backward, setup_context=setup_forward)
     torch.library.register_autograd(backward_op, backward_backward, setup_context=setup_backward)
 
 

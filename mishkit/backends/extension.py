@@ -1,10 +1,11 @@
 """The ``cpu`` and ``cuda`` backends: the compiled ``mishkit._C`` and its ops' Python side.
 
 ``csrc/library.cpp`` defines every ``torch.ops.mishkit`` schema; the C++ registers the CPU and
-CUDA kernels. What only Python can register lives here, next to the ops it serves: fake (meta)
-kernels, so torch.compile and opcheck can trace the ops without running them, and the activation
-autograd formula. Loading never makes ``import mishkit`` fail: a missing or broken build gives one
-warning and the reason, and the other backends stay usable.
+CUDA kernels and the activations' autograd. What only Python can register lives here, next to
+the ops it serves: fake (meta) kernels, so torch.compile and opcheck can trace the ops without
+running them, and the double backward (it differentiates the registry's derivative formula).
+Loading never makes ``import mishkit`` fail: a missing or broken build gives one warning and the
+reason, and the other backends stay usable.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import warnings
 import torch
 
 from .._checks import ActKernels, BnActKernels, BnActOutputKernels, KernelSet, compute_dtype
-from .autograd import register_op_autograd
+from .autograd import register_double_backward
 
 
 def _load():
@@ -63,9 +64,9 @@ def _register_activation_ops() -> None:
         torch._check(grad_out.shape == x.shape, lambda: "grad_out and x must have one shape")
         return torch.empty_like(x)
 
-    register_op_autograd(
-        "mishkit::act_forward", "mishkit::act_backward", torch.ops.mishkit.act_backward
-    )
+    # act_forward's autograd is C++ (csrc/act_autograd.cpp); it calls act_backward, whose own
+    # autograd (double backward) is this one
+    register_double_backward("mishkit::act_backward", torch.ops.mishkit.act_backward)
 
 
 def register_bn_act_fakes(prefix: str) -> None:
