@@ -13,8 +13,9 @@
 //
 // M is a *math policy*: it names the value type V and the few primitives the formulas use: exp,
 // expm1, log1p, log1p_unit (log1p for arguments in [0, 1], which a SIMD policy evaluates for a
-// third of the cost), erf, normal_cdf (Phi) and normal_cdf_pdf (Phi and the density phi from one
-// exponential), abs, neg, comparisons returning M::Mask, select, and clamp_min / clamp_max,
+// third of the cost), normal_cdf (Phi) and normal_cdf_pdf (Phi and the density phi from one
+// exponential), erf_softplus (erf(softplus(x))) and erf_softplus_and_grad (it and its derivative;
+// a SIMD policy evaluates both from one exponential, without division), abs, neg, comparisons returning M::Mask, select, and clamp_min / clamp_max,
 // which return x when it is NaN (one max/min instruction in SIMD). The same formula therefore
 // instantiates for scalars (ScalarMath<float>, ScalarMath<double>, here: CPU tails and CUDA) and
 // for SIMD vectors (VecMath<T> over at::vec::Vectorized<T>, in cpu/vec_math.h).
@@ -58,6 +59,12 @@ struct Params {
 template <class T>
 struct ScalarMath;
 
+// the exact forms of the erf_softplus primitives (below, with the building blocks)
+template <class M, class V>
+HOST_DEVICE V softplus(V x);
+template <class M, class V>
+HOST_DEVICE V erf_softplus_grad_exact(V x, V softplus_x);
+
 #define MISHKIT_SCALAR_MATH(T, SUFFIX)                                                  \
   template <>                                                                           \
   struct ScalarMath<T> {                                                                \
@@ -67,7 +74,12 @@ struct ScalarMath;
     static HOST_DEVICE T expm1(T x) { return ::expm1##SUFFIX(x); }                      \
     static HOST_DEVICE T log1p(T x) { return ::log1p##SUFFIX(x); }                      \
     static HOST_DEVICE T log1p_unit(T x) { return ::log1p##SUFFIX(x); }                 \
-    static HOST_DEVICE T erf(T x) { return ::erf##SUFFIX(x); }                          \
+    static HOST_DEVICE T erf_softplus(T x) { return ::erf##SUFFIX(softplus<ScalarMath>(x)); } \
+    static HOST_DEVICE void erf_softplus_and_grad(T x, T& value, T& grad) {             \
+      const T sp = softplus<ScalarMath>(x);                                             \
+      value = ::erf##SUFFIX(sp);                                                        \
+      grad = erf_softplus_grad_exact<ScalarMath>(x, sp);                                \
+    }                                                                                   \
     static HOST_DEVICE T normal_cdf(T x) {                                              \
       return T(0.5) * ::erfc##SUFFIX(x * T(-0.70710678118654752440));                   \
     }                                                                                   \
@@ -123,6 +135,24 @@ HOST_DEVICE void sigmoid_and_slope(V x, V& s, V& slope) {
   const V r = V(1) / (V(1) + u);
   s = M::select(M::lt(x, V(0)), u * r, r);
   slope = u * r * r;
+}
+
+// log(1 + e^x) = max(x, 0) + log1p(e^-|x|): no overflow
+template <class M, class V>
+HOST_DEVICE V log1p_exp(V x) {
+  return M::clamp_min(x, V(0)) + M::log1p_unit(M::exp(M::neg(M::abs(x))));
+}
+
+// torch's softplus at its default threshold: x itself beyond 20
+template <class M, class V>
+HOST_DEVICE V softplus(V x) {
+  return M::select(M::gt(x, V(20)), x, log1p_exp<M>(x));
+}
+
+// d/dx erf(softplus(x)) = (2 / sqrt(pi)) e^(-softplus(x)^2) sigmoid(x), composed
+template <class M, class V>
+HOST_DEVICE V erf_softplus_grad_exact(V x, V softplus_x) {
+  return V(1.12837916709551257390) * M::exp(M::neg(softplus_x * softplus_x)) * sigmoid<M>(x);
 }
 
 // Base of the parameterless activations.
@@ -231,16 +261,15 @@ struct Hardmish : NoParams {
   }
 };
 
-// torch semantics: x itself where beta x > threshold. log(1 + e^bx) = max(bx, 0) + log1p(e^-|bx|)
-// cannot overflow (a threshold of inf lets bx reach exp's range).
+// torch semantics: x itself where beta x > threshold. log1p_exp cannot overflow (a threshold of inf
+// lets bx reach exp's range).
 struct Softplus {
   static constexpr int kNumParams = 2;
   static constexpr const char* kParams = "beta, threshold";
   template <class M, class V = typename M::V>
   static HOST_DEVICE V forward(V x, const Params<V>& p) {
     const V bx = x * p.p0;
-    const V softplus = M::clamp_min(bx, V(0)) + M::log1p_unit(M::exp(M::neg(M::abs(bx))));
-    return M::select(M::gt(bx, p.p1), x, softplus / p.p0);
+    return M::select(M::gt(bx, p.p1), x, log1p_exp<M>(bx) / p.p0);
   }
   template <class M, class V = typename M::V>
   static HOST_DEVICE V derivative(V x, const Params<V>& p) {
@@ -268,22 +297,18 @@ struct TanhExp : NoParams {
   }
 };
 
-// x erf(softplus(x)), softplus with torch's default threshold 20, in Softplus's overflow-free form.
+// x erf(softplus(x)), softplus with torch's default threshold 20 (act::softplus). With
+// s = erf(softplus(x)): f'(x) = s + x ds/dx, both from the policy's erf_softplus_and_grad.
 struct Serf : NoParams {
   template <class M, class V = typename M::V>
-  static HOST_DEVICE V softplus(V x) {
-    const V below = M::clamp_min(x, V(0)) + M::log1p_unit(M::exp(M::neg(M::abs(x))));
-    return M::select(M::gt(x, V(20)), x, below);
-  }
-  template <class M, class V = typename M::V>
   static HOST_DEVICE V forward(V x, const Params<V>&) {
-    return with_limits<M>(x, x * M::erf(softplus<M>(x)), V(0));
+    return with_limits<M>(x, x * M::erf_softplus(x), V(0));
   }
   template <class M, class V = typename M::V>
   static HOST_DEVICE V derivative(V x, const Params<V>&) {
-    const V sp = softplus<M>(x);
-    const V derf = V(1.12837916709551257390) * M::exp(M::neg(sp * sp));  // 2 / sqrt(pi)
-    return with_limits<M>(x, M::erf(sp) + x * derf * sigmoid<M>(x), V(0), V(1));
+    V s, ds;
+    M::erf_softplus_and_grad(x, s, ds);
+    return with_limits<M>(x, s + x * ds, V(0), V(1));
   }
 };
 

@@ -7,12 +7,13 @@
 //
 // float exp, expm1 and log1p are inlined in the AVX2 and AVX-512 builds (vec_detail): at::vec's are
 // out-of-line SLEEF calls, and around a call every vector register is caller-saved, so the loops
-// spilled all their constants and ran at a third to a half of their inlined speed. float erf and
-// the normal cdf/density are exp-based in every build (SLEEF's vector erf/erfc measured 20-30x
-// slower than its exp, which made GELU 30x slower than torch's). Each stays within ~2 ulp of the
-// correctly rounded value over its whole domain (tests/test_cpu_kernels.py checks them against
-// float64 at every exponent, through the activations built on them), with the IEEE results at 0,
-// +-inf and NaN. The baseline build and double use at::vec (SLEEF / libm).
+// spilled all their constants and ran at a third to a half of their inlined speed. The float
+// normal cdf/density and serf's erf(softplus(x)) are exp-based in every build (SLEEF's vector
+// erf/erfc measured 20-30x slower than its exp, which made GELU 30x slower than torch's). Each
+// stays within ~2 ulp of the correctly rounded value over its whole domain
+// (tests/test_cpu_kernels.py checks them against float64 at every exponent, through the
+// activations built on them), with the IEEE results at 0, +-inf and NaN. The baseline build and
+// double use at::vec (SLEEF / libm).
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -221,7 +222,7 @@ inline VecF select_less(const VecF& a, const VecF& b, const VecF& if_true, const
 // smallest subnormal). a^2 = hi + lo exactly, so that e^(-a^2/2) = e^(-hi/2) (1 - lo/2) keeps its
 // relative precision where a^2 is large. kBFloat16: t = 1 / (1 + 0.31 a) and degree 5 (< 5e-6),
 // a^2 rounded (< 3e-6 more). The polynomial and the exponential are independent, so their
-// latencies overlap (the erfc fit this replaced sat inside the exponential's argument).
+// latencies overlap.
 struct LowerTail {
   VecF tail;          // Phi(-a)
   VecF exp_half_sq;   // e^(-a^2/2)
@@ -255,25 +256,59 @@ inline void normal_cdf_pdf(const VecF& x, VecF& cdf, VecF& pdf) {
   pdf = e * VecF(0.39894228040143267794f);
 }
 
-// erf: Taylor series x * sum_k c_k x^2k, c_k = (2/sqrt(pi)) (-1)^k / (k! (2k + 1)), below 0.5
-// (truncation < 1e-9 relative: full precision near 0, where 1 - erfc cancels); above,
-// erf(a) = 1 - 2 Phi(-sqrt(2) a) (measured through serf: <= 4 ulp, softplus's rounding included).
-// kBFloat16: the series to x^9 (< 1e-6).
-template <Precision P = Precision::kFull>
-inline VecF erf(const VecF& x) {
-  constexpr double kTwoOverSqrtPi = 1.12837916709551257390;
-  const VecF x2 = x * x;
-  constexpr float c0 = kTwoOverSqrtPi, c1 = -kTwoOverSqrtPi / 3, c2 = kTwoOverSqrtPi / 10,
-                  c3 = -kTwoOverSqrtPi / 42, c4 = kTwoOverSqrtPi / 216,
-                  c5 = -kTwoOverSqrtPi / 1320, c6 = kTwoOverSqrtPi / 9360;
-  const VecF series = P == Precision::kBFloat16 ? horner(x2, c4, c3, c2, c1, c0)
-                                                : horner(x2, c6, c5, c4, c3, c2, c1, c0);
-  const VecF a = x.abs();
-  const VecF one_minus =
-      at::vec::fnmadd(VecF(2.0f), normal_lower_tail<P>(a * VecF(1.41421356237309504880f)).tail,
-                      VecF(1.0f));
-  const VecF large = select_less(x, VecF(0.0f), one_minus.neg(), one_minus);
-  return select_less(a, VecF(0.5f), x * series, large);  // NaN: a < 0.5 false, large is NaN
+// erf(softplus(x)) and its derivative (serf's inner function) from one exponential and no
+// division: e = e^x for x < 0 and e^(-x^2) for x >= 0, then
+//   x < 0:  erf(log1p(e)) = e H(e),       d/dx = e G(e)  (e in (0, 1))
+//   x >= 0: erf(softplus(x)) = 1 - e R(x), d/dx = e K(x)  (x in [0, 4] and [0, 4.5])
+// with H, G, R, K minimax polynomials (fitted in float64, coefficients rounded to float and refitted,
+// errors measured with float evaluation): H and G to relative errors of 1.3e-7 and 1.0e-7
+// (G in e - 1/2), R and K to 4e-8 and 3e-8 absolute in the result (weights e^(-x^2) and
+// max(1, x) e^(-x^2)). Beyond the fitted ranges e R and x e K stay below 2^-26 and the value
+// rounds to 1. kBFloat16: degrees 6, 7, 7, 6 (errors below 4e-6). NaN passes through e.
+template <Precision P>
+inline VecF erf_softplus_exp(const VecF& x) {
+  return exp<P>(select_less(x, VecF(0.0f), x, at::vec::fnmadd(x, x, VecF(0.0f))));
+}
+
+template <Precision P>
+inline VecF erf_softplus(const VecF& x, const VecF& e) {
+  const VecF h =
+      P == Precision::kBFloat16
+          ? horner(e, -2.707025036e-02f, 1.253852993e-01f, -2.530702055e-01f, 2.603249252e-01f,
+                   3.493593307e-03f, -5.644047856e-01f, 1.128381371e+00f)
+          : horner(e, -5.892829970e-03f, 3.774070367e-02f, -1.155056432e-01f, 2.276134342e-01f,
+                   -3.166003227e-01f, 2.814297378e-01f, 6.936851423e-05f, -5.641923547e-01f,
+                   1.128379226e+00f);
+  const VecF xr = at::vec::clamp_max(x, VecF(4.0f));
+  const VecF r =
+      P == Precision::kBFloat16
+          ? horner(xr, -1.570280059e-03f, 1.515019406e-02f, -6.331496686e-02f, 1.565901041e-01f,
+                   -2.703560591e-01f, 3.572420776e-01f, -3.486906588e-01f, 3.269554079e-01f)
+          : horner(xr, -1.250185778e-05f, 2.151377848e-04f, -1.663633389e-03f, 7.762295660e-03f,
+                   -2.496806346e-02f, 6.052650884e-02f, -1.184681132e-01f, 1.969073713e-01f,
+                   -2.869089544e-01f, 3.606098294e-01f, -3.489509523e-01f, 3.269586861e-01f);
+  return select_less(x, VecF(0.0f), e * h, at::vec::fnmadd(e, r, VecF(1.0f)));
+}
+
+template <Precision P>
+inline VecF erf_softplus_grad(const VecF& x, const VecF& e) {
+  const VecF g =
+      P == Precision::kBFloat16
+          ? horner(e - VecF(0.5f), 8.588851988e-02f, -1.488411725e-01f, 1.557217389e-01f,
+                   -1.080316082e-01f, -8.001729846e-02f, 4.381282926e-01f, -7.704980969e-01f,
+                   6.382132173e-01f)
+          : horner(e - VecF(0.5f), 1.703267917e-02f, -4.585906491e-02f, 8.181717992e-02f,
+                   -1.262235940e-01f, 1.551161557e-01f, -1.114972159e-01f, -7.984340936e-02f,
+                   4.382964373e-01f, -7.705050111e-01f, 6.382119656e-01f);
+  const VecF xk = at::vec::clamp_max(x, VecF(4.5f));
+  const VecF k =
+      P == Precision::kBFloat16
+          ? horner(xk, 1.242342871e-03f, -9.957867675e-03f, 3.100591153e-02f, -6.633787602e-02f,
+                   1.619252861e-01f, -6.717297435e-02f, 3.489492536e-01f)
+          : horner(xk, 7.488546999e-06f, -1.124064584e-04f, 7.393267588e-04f, -2.991087968e-03f,
+                   9.245755151e-03f, -2.362372167e-02f, 4.498120397e-02f, -7.424210757e-02f,
+                   1.641022116e-01f, -6.739749014e-02f, 3.489530087e-01f);
+  return e * select_less(x, VecF(0.0f), g, k);
 }
 
 }  // namespace vec_detail
@@ -361,11 +396,22 @@ struct VecMath {
       return x.log1p();
     }
   }
-  static V erf(const V& x) {
+  static V erf_softplus(const V& x) {
     if constexpr (std::is_same_v<T, float>) {
-      return vec_detail::erf<P>(x);
+      return vec_detail::erf_softplus<P>(x, vec_detail::erf_softplus_exp<P>(x));
     } else {
-      return x.erf();
+      return softplus<VecMath>(x).erf();
+    }
+  }
+  static void erf_softplus_and_grad(const V& x, V& value, V& grad) {
+    if constexpr (std::is_same_v<T, float>) {
+      const V e = vec_detail::erf_softplus_exp<P>(x);
+      value = vec_detail::erf_softplus<P>(x, e);
+      grad = vec_detail::erf_softplus_grad<P>(x, e);
+    } else {
+      const V sp = softplus<VecMath>(x);
+      value = sp.erf();
+      grad = erf_softplus_grad_exact<VecMath>(x, sp);
     }
   }
   static void normal_cdf_pdf(const V& x, V& cdf, V& pdf) {
