@@ -39,7 +39,9 @@ def _bandwidth(kernel, copies, activation, out_dir: Path) -> Path:
                                 and r["mode"] == mode and r["contender"] == contender)
                 if points:
                     ax.plot(*zip(*points), marker="o", markersize=3, label=contender)
-            copy = sorted((r["log2_numel"], r["gbps"]) for r in copies if r["dtype"] == dtype)
+            # CPU copies are timed with each case (record "activation"), GPU ones once
+            copy = sorted((r["log2_numel"], r["gbps"]) for r in copies if r["dtype"] == dtype
+                          and r.get("activation", activation) == activation)
             if copy:
                 ax.plot(*zip(*copy), "k--", linewidth=1, label="device copy")
             ax.set_title(f"{activation} {dtype} {mode}", fontsize=9)

@@ -1,8 +1,10 @@
 """The activation kernel grid: activation × dtype × size × mode × contender, one JSON row each.
 
-Per (dtype, size) a device-to-device copy of the same bytes is timed in the same run; every row
-reports its bandwidth against it. The contenders of a case are timed side by side (on CPU in
-alternating rounds, ``timing.measure_side_by_side``), so their ratios share the machine's state.
+A device-to-device copy of the same bytes is timed in the same run (on CPU with each case, in its
+rounds; on GPU once per dtype and size); every row reports its bandwidth against it. The
+contenders of a case are timed side by side (on CPU in alternating rounds,
+``timing.measure_side_by_side``, their speed-ups the median of the per-round ratios), so their
+ratios share the machine's state.
 Forward moves 2N elements, backward 3N (x and grad_out in, grad_in out), forward+backward 5N.
 """
 
@@ -18,7 +20,8 @@ from mishkit.registry import get_spec
 
 from . import contenders as contenders_mod
 from .probes import peak_memory_bytes, saved_bytes
-from .timing import Timing, TimingConfig, cycling, measure, measure_side_by_side, rotation_count
+from .timing import (Timing, TimingConfig, cycling, measure, measure_side_by_side, paired_ratio,
+                     rotation_count)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ELEMENTS_MOVED = {"forward": 2, "backward": 3, "forward+backward": 5}
@@ -78,18 +81,28 @@ def run_kernel_grid(grid: KernelGrid, device: torch.device, timing: TimingConfig
             log(f"kernel grid: time budget spent, {len(cases) - index} case(s) skipped")
             return
         numel, dtype = 2**log2, DTYPES[dtype_name]
-        if (dtype_name, log2) not in copy_cache:
-            copy_cache[dtype_name, log2] = _time_copy(numel, dtype, device, timing)
-            yield _copy_record(dtype_name, log2, numel, dtype, copy_cache[dtype_name, log2])
-        copy = copy_cache[dtype_name, log2]
         spec = get_spec(activation)
         rows, pending = [], []
+        copy_record = None
+        if device.type == "cpu":
+            # the copy is timed with the case's contenders, in the same alternating rounds
+            copy_record = {"record": "copy", "activation": activation}
+            pending.append((copy_record, _copy_step(numel, dtype, device, timing)))
+        elif (dtype_name, log2) not in copy_cache:
+            copy_cache[dtype_name, log2] = _time_copy(numel, dtype, device, timing)
+            yield _copy_record(dtype_name, log2, numel, dtype, copy_cache[dtype_name, log2])
         for contender in chosen:
             rows += _contender_rows(spec, contender, ctx, grid.modes, numel, dtype, device, timing,
                                     pending)
             if device.type == "cuda":  # one contender's inputs alive at a time
                 _measure_pending(pending, device, timing)
         _measure_pending(pending, device, timing)
+        if copy_record is not None:
+            copy = _timing_of_row(copy_record)
+            copy_record.update(_copy_record(dtype_name, log2, numel, dtype, copy))
+            yield copy_record
+        else:
+            copy = copy_cache[dtype_name, log2]
         _add_ratios(rows, dtype, numel, copy)
         for row in rows:
             row.update(activation=activation, dtype=dtype_name, numel=numel, log2_numel=log2)
@@ -98,7 +111,7 @@ def run_kernel_grid(grid: KernelGrid, device: torch.device, timing: TimingConfig
         yield from rows
 
 
-def _time_copy(numel: int, dtype: torch.dtype, device: torch.device, timing: TimingConfig):
+def _copy_step(numel: int, dtype: torch.dtype, device: torch.device, timing: TimingConfig):
     count = rotation_count(2 * numel * _itemsize(dtype), device, timing)
     pairs = [(torch.randn(numel, device=device).to(dtype), torch.empty(numel, dtype=dtype,
               device=device)) for _ in range(count)]
@@ -108,7 +121,11 @@ def _time_copy(numel: int, dtype: torch.dtype, device: torch.device, timing: Tim
         src, dst = next_pair()
         dst.copy_(src)
 
-    return measure(copy, device, timing)
+    return copy
+
+
+def _time_copy(numel: int, dtype: torch.dtype, device: torch.device, timing: TimingConfig):
+    return measure(_copy_step(numel, dtype, device, timing), device, timing)
 
 
 def _copy_record(dtype_name, log2, numel, dtype, t: Timing) -> dict:
@@ -116,7 +133,12 @@ def _copy_record(dtype_name, log2, numel, dtype, t: Timing) -> dict:
     return {"record": "copy", "dtype": dtype_name, "numel": numel, "log2_numel": log2,
             "bytes_moved": bytes_moved, "time_ms_median": t.median * 1e3,
             "time_ms_p20": t.p20 * 1e3, "time_ms_p80": t.p80 * 1e3,
-            "gbps": bytes_moved / t.median / 1e9}
+            "time_ms_rounds": [r * 1e3 for r in t.rounds], "gbps": bytes_moved / t.median / 1e9}
+
+
+def _timing_of_row(row: dict) -> Timing:
+    return Timing(row["time_ms_median"] * 1e-3, row["time_ms_p20"] * 1e-3,
+                  row["time_ms_p80"] * 1e-3, tuple(r * 1e-3 for r in row["time_ms_rounds"]))
 
 
 def _contender_rows(spec, contender, ctx, modes, numel, dtype, device, timing,
@@ -159,7 +181,7 @@ def _measure_pending(pending: list, device, timing) -> None:
     timings = measure_side_by_side([step for _, step in pending], device, timing)
     for (row, _), t in zip(pending, timings):
         row.update(time_ms_median=t.median * 1e3, time_ms_p20=t.p20 * 1e3,
-                   time_ms_p80=t.p80 * 1e3)
+                   time_ms_p80=t.p80 * 1e3, time_ms_rounds=[r * 1e3 for r in t.rounds])
     pending.clear()
 
 
@@ -200,22 +222,25 @@ def _mode_step(mode, forward, numel, dtype, device, timing, count=None) -> Calla
 
 
 def _add_ratios(rows: list[dict], dtype, numel, copy: Timing) -> None:
-    """Bandwidth, ratio to the copy and speed-up against each baseline, per mode."""
+    """Bandwidth, ratio to the copy and speed-up against each baseline, per mode. Where the
+    contenders were timed in rounds side by side, speed-ups are the median of the per-round
+    ratios (``speedup``) with their p20-p80 (``speedup_spread``)."""
     copy_gbps = 2 * numel * _itemsize(dtype) / copy.median / 1e9
-    by_mode: dict[str, dict[str, float]] = {}
+    by_mode: dict[str, dict[str, Timing]] = {}
     for row in rows:
         if row["status"] == "ok":
-            by_mode.setdefault(row["mode"], {})[row["contender"]] = row["time_ms_median"]
+            by_mode.setdefault(row["mode"], {})[row["contender"]] = _timing_of_row(row)
     for row in rows:
         if row["status"] != "ok":
             continue
         bytes_moved = ELEMENTS_MOVED[row["mode"]] * numel * _itemsize(dtype)
         gbps = bytes_moved / (row["time_ms_median"] * 1e-3) / 1e9
-        times = by_mode[row["mode"]]
+        times, own = by_mode[row["mode"]], _timing_of_row(row)
+        ratios = {b: paired_ratio(times[b], own) for b in contenders_mod.BASELINES if b in times}
         row.update(bytes_moved=bytes_moved, gbps=gbps, copy_gbps=copy_gbps,
                    copy_ratio=gbps / copy_gbps,
-                   speedup={b: times[b] / row["time_ms_median"]
-                            for b in contenders_mod.BASELINES if b in times})
+                   speedup={b: r[0] for b, r in ratios.items()},
+                   speedup_spread={b: [r[1], r[2]] for b, r in ratios.items()})
 
 
 def _one_line(rows: list[dict]) -> str:

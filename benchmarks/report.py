@@ -240,8 +240,19 @@ def evaluate_targets(records: list[dict], device_type: str, ours: str) -> list[d
             continue
         met = value >= target.threshold if target.op == ">=" else value <= target.threshold
         rows.append({"target": target.label, "value": value, "threshold": target.threshold,
-                     "status": "met" if met else "not met"})
+                     "status": "met" if met else _unmet_status(match[0], target)})
     return rows
+
+
+def _unmet_status(row: dict, target: Target) -> str:
+    """"not met", or, for a speed-up whose per-round ratios straddle the threshold, "within
+    noise" with their p20-p80: this run cannot tell it from the threshold."""
+    if not target.metric.startswith("speedup.") or target.op != ">=":
+        return "not met"
+    spread = row.get("speedup_spread", {}).get(target.metric.split(".", 1)[1])
+    if spread is None or spread[1] < target.threshold:
+        return "not met"
+    return f"within noise (per-round ratios p20–p80 {spread[0]:.2f}–{spread[1]:.2f})"
 
 
 def _metric(row: dict, metric: str) -> float | None:

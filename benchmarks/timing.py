@@ -8,6 +8,7 @@ and contenders compared with each other are timed in alternating rounds (``measu
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -24,6 +25,19 @@ class Timing:
     median: float  # seconds
     p20: float
     p80: float
+    # the median of each alternating round (measure_side_by_side on CPU), for paired ratios
+    rounds: tuple[float, ...] = ()
+
+
+def paired_ratio(numerator: Timing, denominator: Timing) -> tuple[float, float, float]:
+    """numerator / denominator as (median, p20, p80) over the rounds both were timed in side by
+    side (a drift of the machine moves both sides of a round alike); the ratio of the medians,
+    three times, for timings without rounds."""
+    if not numerator.rounds or len(numerator.rounds) != len(denominator.rounds):
+        ratio = numerator.median / denominator.median
+        return ratio, ratio, ratio
+    ratios = sorted(a / b for a, b in zip(numerator.rounds, denominator.rounds))
+    return _quantile(ratios, 0.5), _quantile(ratios, 0.2), _quantile(ratios, 0.8)
 
 
 @dataclass(frozen=True)
@@ -68,7 +82,8 @@ def measure(fn: Callable[[], object], device: torch.device, config: TimingConfig
 def measure_side_by_side(fns: Sequence[Callable[[], object]], device: torch.device,
                          config: TimingConfig) -> list[Timing]:
     """Time several callables against each other: on CPU in ``cpu_rounds`` alternating rounds,
-    each callable's blocks pooled over the rounds; on GPU one after the other (do_bench's
+    each callable's blocks pooled over the rounds (and each round's median kept, for
+    :func:`paired_ratio`); on GPU one after the other (do_bench's
     repetitions already interleave with L2 flushes, and fewer live inputs keep memory low)."""
     if device.type == "cuda" or config.cpu_rounds <= 1 or len(fns) == 1:
         return [measure(fn, device, config) for fn in fns]
@@ -77,10 +92,14 @@ def measure_side_by_side(fns: Sequence[Callable[[], object]], device: torch.devi
             fn()
     per_round = config.cpu_min_run_time_s / config.cpu_rounds
     blocks: list[list[float]] = [[] for _ in fns]
+    round_medians: list[list[float]] = [[] for _ in fns]
     for _ in range(config.cpu_rounds):
-        for times, fn in zip(blocks, fns):
-            times += _cpu_blocks(fn, per_round)
-    return [_timing_of(sorted(times)) for times in blocks]
+        for times, medians, fn in zip(blocks, round_medians, fns):
+            this_round = sorted(_cpu_blocks(fn, per_round))
+            medians.append(_quantile(this_round, 0.5))
+            times += this_round
+    return [dataclasses.replace(_timing_of(sorted(times)), rounds=tuple(medians))
+            for times, medians in zip(blocks, round_medians)]
 
 
 def _cpu_blocks(fn, min_run_time: float) -> list[float]:

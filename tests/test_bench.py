@@ -57,7 +57,9 @@ def test_every_case_has_every_mode_and_contender(tiny_run):
 
 def test_rows_report_consistent_bandwidth_and_speedups(tiny_run):
     _, records = tiny_run
-    copies = {(r["dtype"], r["numel"]): r for r in records if r["record"] == "copy"}
+    # on CPU the copy is timed with each case, in its rounds
+    copies = {(r["activation"], r["dtype"], r["numel"]): r for r in records
+              if r["record"] == "copy"}
     ok = [r for r in records if r["record"] == "kernel" and r["status"] == "ok"]
     assert ok
     for row in ok:
@@ -66,7 +68,8 @@ def test_rows_report_consistent_bandwidth_and_speedups(tiny_run):
         assert row["bytes_moved"] == ELEMENTS[row["mode"]] * numel * ITEMSIZE[row["dtype"]]
         seconds = row["time_ms_median"] * 1e-3
         assert row["gbps"] == pytest.approx(row["bytes_moved"] / seconds / 1e9)
-        copy = copies[row["dtype"], numel]
+        copy = copies[row["activation"], row["dtype"], numel]
+        assert len(copy["time_ms_rounds"]) == len(row["time_ms_rounds"]) > 1
         assert copy["bytes_moved"] == 2 * numel * ITEMSIZE[row["dtype"]]
         assert row["copy_gbps"] == pytest.approx(copy["gbps"])
         assert row["copy_ratio"] == pytest.approx(row["gbps"] / copy["gbps"])
@@ -74,7 +77,12 @@ def test_rows_report_consistent_bandwidth_and_speedups(tiny_run):
         same = {r["contender"]: r for r in ok if (r["activation"], r["dtype"], r["numel"],
                 r["mode"]) == (row["activation"], row["dtype"], numel, row["mode"])}
         for baseline, ratio in row["speedup"].items():
-            assert ratio == pytest.approx(same[baseline]["time_ms_median"] / row["time_ms_median"])
+            # the median and p20-p80 of the per-round ratios, each round timed side by side
+            per_round = (np.array(same[baseline]["time_ms_rounds"])
+                         / np.array(row["time_ms_rounds"]))
+            assert ratio == pytest.approx(np.median(per_round))
+            assert row["speedup_spread"][baseline] == pytest.approx(
+                np.percentile(per_round, [20, 80]))
         assert set(row["speedup"]) == {"native", "naive", "relu"}  # compile is off in smoke
 
 
@@ -162,6 +170,7 @@ def test_side_by_side_timing_alternates_the_contenders_in_rounds():
     runs = [key for i, key in enumerate(calls) if i == 0 or calls[i - 1] != key]
     assert runs[:2] == ["a", "b"] and len(runs) == 2 + 2 * config.cpu_rounds
     assert all(0 < t.p20 <= t.median <= t.p80 for t in results)
+    assert all(len(t.rounds) == config.cpu_rounds and min(t.rounds) > 0 for t in results)
 
 
 def test_targets_met_not_met_and_not_measured():
@@ -176,6 +185,27 @@ def test_targets_met_not_met_and_not_measured():
                                                contender="mishkit-cuda")], "cuda", "mishkit-cuda")
     assert gpu[0]["status"] == "met" and gpu[0]["value"] == 0.91
     assert all(t["status"].startswith("not measured") for t in gpu[1:])
+
+
+def test_paired_ratio_takes_the_ratio_within_each_round():
+    # a drift that slows both sides of a round cancels in the per-round ratio
+    fast = timing.Timing(1.0, 1.0, 2.0, rounds=(1.0, 2.0, 1.0))
+    slow = timing.Timing(3.0, 2.0, 6.0, rounds=(2.0, 4.0, 3.0))
+    assert timing.paired_ratio(slow, fast) == pytest.approx((2.0, 2.0, 2.6))
+    # timed apart (no rounds): the ratio of the medians
+    assert timing.paired_ratio(timing.Timing(3.0, 2.0, 4.0), timing.Timing(1.5, 1.0, 2.0)) == (
+        2.0, 2.0, 2.0)
+
+
+def test_a_speedup_target_straddled_by_its_rounds_is_within_noise():
+    rows = [_kernel_row("forward", speedup={"native": 0.97},
+                        speedup_spread={"native": [0.85, 1.10]}),
+            _kernel_row("forward+backward", speedup={"native": 0.90},
+                        speedup_spread={"native": [0.85, 0.95]})]
+    by_label = {t["target"]: t for t in report.evaluate_targets(rows, "cpu", "mishkit-cpu")}
+    status = by_label["CPU Mish forward fp32 2^22 no slower than native"]["status"]
+    assert status == "within noise (per-round ratios p20–p80 0.85–1.10)"
+    assert by_label["CPU Mish fwd+bwd fp32 2^22 no slower than native"]["status"] == "not met"
 
 
 @settings(max_examples=50, deadline=None)
