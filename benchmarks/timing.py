@@ -81,8 +81,8 @@ def measure(fn: Callable[[], object], device: torch.device, config: TimingConfig
 
 def measure_side_by_side(fns: Sequence[Callable[[], object]], device: torch.device,
                          config: TimingConfig) -> list[Timing]:
-    """Time several callables against each other: on CPU in ``cpu_rounds`` alternating rounds,
-    each callable's blocks pooled over the rounds (and each round's median kept, for
+    """Time several callables against each other: on CPU in ``cpu_rounds`` alternating rounds
+    (each in a rotated order), each callable's blocks pooled over the rounds (and each round's median kept, for
     :func:`paired_ratio`); on GPU one after the other (do_bench's
     repetitions already interleave with L2 flushes, and fewer live inputs keep memory low)."""
     if device.type == "cuda" or config.cpu_rounds <= 1 or len(fns) == 1:
@@ -93,13 +93,20 @@ def measure_side_by_side(fns: Sequence[Callable[[], object]], device: torch.devi
     per_round = config.cpu_min_run_time_s / config.cpu_rounds
     blocks: list[list[float]] = [[] for _ in fns]
     round_medians: list[list[float]] = [[] for _ in fns]
-    for _ in range(config.cpu_rounds):
-        for times, medians, fn in zip(blocks, round_medians, fns):
-            this_round = sorted(_cpu_blocks(fn, per_round))
-            medians.append(_quantile(this_round, 0.5))
-            times += this_round
+    for round_index in range(config.cpu_rounds):
+        # each round starts one callable later: what ran just before a callable (the cache and
+        # the allocator's state it left) changes from round to round instead of biasing it
+        for i in _rotated(range(len(fns)), round_index):
+            this_round = sorted(_cpu_blocks(fns[i], per_round))
+            round_medians[i].append(_quantile(this_round, 0.5))
+            blocks[i] += this_round
     return [dataclasses.replace(_timing_of(sorted(times)), rounds=tuple(medians))
             for times, medians in zip(blocks, round_medians)]
+
+
+def _rotated(items: Sequence, shift: int) -> list:
+    shift %= len(items)
+    return [*items[shift:], *items[:shift]]
 
 
 def _cpu_blocks(fn, min_run_time: float) -> list[float]:

@@ -161,14 +161,14 @@ def test_cpu_timing_runs_with_the_process_thread_count():
     assert seen and set(seen) == {2}
 
 
-def test_side_by_side_timing_alternates_the_contenders_in_rounds():
+def test_side_by_side_timing_alternates_the_contenders_in_rotated_rounds():
     calls = []
     config = timing.TimingConfig(cpu_min_run_time_s=0.02, warmup_calls=1, cpu_rounds=4)
-    results = timing.measure_side_by_side(
-        [lambda: calls.append("a"), lambda: calls.append("b")], torch.device("cpu"), config)
-    # warm-up a, b, then four rounds: a's blocks, b's blocks, a's blocks, ...
+    results = timing.measure_side_by_side([lambda k=k: calls.append(k) for k in "abc"],
+                                          torch.device("cpu"), config)
+    # warm-up a b c, then four rounds of blocks, each starting one callable later
     runs = [key for i, key in enumerate(calls) if i == 0 or calls[i - 1] != key]
-    assert runs[:2] == ["a", "b"] and len(runs) == 2 + 2 * config.cpu_rounds
+    assert "".join(runs) == "abc" + "abc" + "bca" + "cab" + "abc"
     assert all(0 < t.p20 <= t.median <= t.p80 for t in results)
     assert all(len(t.rounds) == config.cpu_rounds and min(t.rounds) > 0 for t in results)
 
