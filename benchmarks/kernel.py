@@ -20,8 +20,15 @@ from mishkit.registry import get_spec
 
 from . import contenders as contenders_mod
 from .probes import peak_memory_bytes, saved_bytes
-from .timing import (Timing, TimingConfig, cycling, measure, measure_side_by_side, paired_ratio,
-                     rotation_count)
+from .timing import (
+    Timing,
+    TimingConfig,
+    cycling,
+    measure,
+    measure_side_by_side,
+    paired_ratio,
+    rotation_count,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ELEMENTS_MOVED = {"forward": 2, "backward": 3, "forward+backward": 5}

@@ -82,9 +82,9 @@ def measure(fn: Callable[[], object], device: torch.device, config: TimingConfig
 def measure_side_by_side(fns: Sequence[Callable[[], object]], device: torch.device,
                          config: TimingConfig) -> list[Timing]:
     """Time several callables against each other: on CPU in ``cpu_rounds`` alternating rounds
-    (each in a rotated order), each callable's blocks pooled over the rounds (and each round's median kept, for
-    :func:`paired_ratio`); on GPU one after the other (do_bench's
-    repetitions already interleave with L2 flushes, and fewer live inputs keep memory low)."""
+    (each in a rotated order), each callable's blocks pooled over the rounds and each round's
+    median kept, for :func:`paired_ratio`; on GPU one after the other (do_bench's repetitions
+    already interleave with L2 flushes, and fewer live inputs keep memory low)."""
     if device.type == "cuda" or config.cpu_rounds <= 1 or len(fns) == 1:
         return [measure(fn, device, config) for fn in fns]
     for fn in fns:

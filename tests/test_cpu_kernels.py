@@ -1,7 +1,8 @@
 """The CPU kernels' instruction-set builds: the inlined float exp / expm1 / log1p, GELU's normal
-cdf and density and serf's erf(softplus) fits in the AVX2 and AVX-512 builds at ulp level (tighter than the numerics contract,
-which test_extension.py checks at the extremes), the MISHKIT_CPU_CAPABILITY override in any case,
-and what `mishkit info` says about the build it runs and why."""
+cdf and density and serf's erf(softplus) fits in the AVX2 and AVX-512 builds at ulp level
+(tighter than the numerics contract, which test_extension.py checks at the extremes), the
+MISHKIT_CPU_CAPABILITY override in any case, and what `mishkit info` says about the build it runs
+and why."""
 
 import json
 import math
