@@ -3,8 +3,9 @@
 // backward, is Python's: it differentiates the registry's derivative formula.)
 //
 // act_forward's autograd is C++ because registered from Python (torch.library.register_autograd)
-// it ran Python on every call, with or without grad: ~6 us forward and ~25 us forward+backward
-// more than torch's native activations, which made small tensors 1.3-3x slower than native.
+// it ran Python on every call, with or without grad: at 4096 elements ~3 us more per forward
+// without grad, ~8 us with, ~16 us per forward+backward, which made small tensors 1.3-3x slower
+// than torch's native activations.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>

@@ -15,10 +15,11 @@
 // expm1, log1p, log1p_unit (log1p for arguments in [0, 1], which a SIMD policy evaluates for a
 // third of the cost), normal_cdf (Phi) and normal_cdf_pdf (Phi and the density phi from one
 // exponential), erf_softplus (erf(softplus(x))) and erf_softplus_and_grad (it and its derivative;
-// a SIMD policy evaluates both from one exponential, without division), abs, neg, comparisons returning M::Mask, select, and clamp_min / clamp_max,
-// which return x when it is NaN (one max/min instruction in SIMD). The same formula therefore
-// instantiates for scalars (ScalarMath<float>, ScalarMath<double>, here: CPU tails and CUDA) and
-// for SIMD vectors (VecMath<T> over at::vec::Vectorized<T>, in cpu/vec_math.h).
+// a SIMD policy evaluates both from one exponential, without division), abs, neg, comparisons
+// returning M::Mask, select, and clamp_min / clamp_max, which return x when it is NaN (one
+// max/min instruction in SIMD). The same formula therefore instantiates for scalars
+// (ScalarMath<float>, ScalarMath<double>, here: CPU tails and CUDA) and for SIMD vectors
+// (VecMath<T> over at::vec::Vectorized<T>, in cpu/vec_math.h).
 // Arithmetic is + - * / on V; constants are written V(c). Half types are computed in float.
 //
 //   float y  = act::Mish::forward<act::ScalarMath<float>>(x, act::Params<float>{});
@@ -74,7 +75,9 @@ HOST_DEVICE V erf_softplus_grad_exact(V x, V softplus_x);
     static HOST_DEVICE T expm1(T x) { return ::expm1##SUFFIX(x); }                      \
     static HOST_DEVICE T log1p(T x) { return ::log1p##SUFFIX(x); }                      \
     static HOST_DEVICE T log1p_unit(T x) { return ::log1p##SUFFIX(x); }                 \
-    static HOST_DEVICE T erf_softplus(T x) { return ::erf##SUFFIX(softplus<ScalarMath>(x)); } \
+    static HOST_DEVICE T erf_softplus(T x) {                                            \
+      return ::erf##SUFFIX(softplus<ScalarMath>(x));                                    \
+    }                                                                                   \
     static HOST_DEVICE void erf_softplus_and_grad(T x, T& value, T& grad) {             \
       const T sp = softplus<ScalarMath>(x);                                             \
       value = ::erf##SUFFIX(sp);                                                        \

@@ -260,10 +260,10 @@ inline void normal_cdf_pdf(const VecF& x, VecF& cdf, VecF& pdf) {
 // division: e = e^x for x < 0 and e^(-x^2) for x >= 0, then
 //   x < 0:  erf(log1p(e)) = e H(e),       d/dx = e G(e)  (e in (0, 1))
 //   x >= 0: erf(softplus(x)) = 1 - e R(x), d/dx = e K(x)  (x in [0, 4] and [0, 4.5])
-// with H, G, R, K minimax polynomials (fitted in float64, coefficients rounded to float and refitted,
-// errors measured with float evaluation): H and G to relative errors of 1.3e-7 and 1.0e-7
-// (G in e - 1/2), R and K to 4e-8 and 3e-8 absolute in the result (weights e^(-x^2) and
-// max(1, x) e^(-x^2)). Beyond the fitted ranges e R and x e K stay below 2^-26 and the value
+// with H, G, R, K minimax polynomials (scripts/fit_serf.py: fitted in float64, coefficients
+// rounded to float and refitted, errors measured with float evaluation): H and G to relative
+// errors of 1.3e-7 and 1.0e-7 (G in e - 1/2), R and K to 4e-8 and 3e-8 absolute in the result
+// (weights e^(-x^2) and max(1, x) e^(-x^2)). Beyond the fitted ranges e R and x e K stay below 2^-26 and the value
 // rounds to 1. kBFloat16: degrees 6, 7, 7, 6 (errors below 4e-6). NaN passes through e.
 template <Precision P>
 inline VecF erf_softplus_exp(const VecF& x) {
