@@ -195,7 +195,7 @@ inline VecF log1p(const VecF& x) { return x.log1p(); }
 // s = u / (2 + u) in [0, 1/3], and 2 atanh(s) / s = P(s^2), a degree-4 minimax fit on [0, 1/9]
 // (relative error < 8e-9, so <= 2 ulp in all, the division's rounding included; kBFloat16:
 // degree 3, < 2e-7). A third of the general log1p's instructions: no exponent split, no special
-// cases. softplus, serf and logish only take log1p of e^-|x| or of a sigmoid, which lie in [0, 1].
+// cases. softplus and logish only take log1p of e^-|x| or of a sigmoid, which lie in [0, 1].
 template <Precision P = Precision::kFull>
 inline VecF log1p_unit(const VecF& u) {
   const VecF s = u / (u + VecF(2.0f));
@@ -263,8 +263,9 @@ inline void normal_cdf_pdf(const VecF& x, VecF& cdf, VecF& pdf) {
 // with H, G, R, K minimax polynomials (scripts/fit_serf.py: fitted in float64, coefficients
 // rounded to float and refitted, errors measured with float evaluation): H and G to relative
 // errors of 1.3e-7 and 1.0e-7 (G in e - 1/2), R and K to 4e-8 and 3e-8 absolute in the result
-// (weights e^(-x^2) and max(1, x) e^(-x^2)). Beyond the fitted ranges e R and x e K stay below 2^-26 and the value
-// rounds to 1. kBFloat16: degrees 6, 7, 7, 6 (errors below 4e-6). NaN passes through e.
+// (weights e^(-x^2) and max(1, x) e^(-x^2)). Beyond the fitted ranges e R and x e K stay below
+// 2^-26 and the value rounds to 1. kBFloat16: degrees 6, 7, 7, 6 (errors below 4e-6). NaN passes
+// through e.
 template <Precision P>
 inline VecF erf_softplus_exp(const VecF& x) {
   return exp<P>(select_less(x, VecF(0.0f), x, at::vec::fnmadd(x, x, VecF(0.0f))));
