@@ -2,8 +2,8 @@
 
 A device-to-device copy of the same bytes is timed in the same run (on CPU with each case, in its
 rounds; on GPU once per dtype and size); every row reports its bandwidth against it. The
-contenders of a case are timed side by side (on CPU in alternating rounds,
-``timing.measure_side_by_side``, their speed-ups the median of the per-round ratios), so their
+contenders of a case are timed side by side (on CPU in many short alternating rounds,
+``timing.measure_side_by_side``, their speed-ups and copy ratios taken round by round), so their
 ratios share the machine's state.
 Forward moves 2N elements, backward 3N (x and grad_out in, grad_in out), forward+backward 5N.
 """
@@ -98,9 +98,11 @@ def run_kernel_grid(grid: KernelGrid, device: torch.device, timing: TimingConfig
         elif (dtype_name, log2) not in copy_cache:
             copy_cache[dtype_name, log2] = _time_copy(numel, dtype, device, timing)
             yield _copy_record(dtype_name, log2, numel, dtype, copy_cache[dtype_name, log2])
+        # one input pool per mode, shared by the contenders: each reads the same data from the
+        # same memory (where a buffer lands relative to another moves a copy-speed loop by ~10%)
+        pools = {mode: _mode_inputs(mode, numel, dtype, device, timing) for mode in grid.modes}
         for contender in chosen:
-            rows += _contender_rows(spec, contender, ctx, grid.modes, numel, dtype, device, timing,
-                                    pending)
+            rows += _contender_rows(spec, contender, ctx, pools, numel, dtype, device, pending)
             if device.type == "cuda":  # one contender's inputs alive at a time
                 _measure_pending(pending, device, timing)
         _measure_pending(pending, device, timing)
@@ -148,7 +150,7 @@ def _timing_of_row(row: dict) -> Timing:
                   row["time_ms_p80"] * 1e-3, tuple(r * 1e-3 for r in row["time_ms_rounds"]))
 
 
-def _contender_rows(spec, contender, ctx, modes, numel, dtype, device, timing,
+def _contender_rows(spec, contender, ctx, pools: dict[str, list], numel, dtype, device,
                     pending: list) -> list[dict]:
     """The contender's rows; each timed one gets its step appended to ``pending`` for
     ``_measure_pending`` (all contenders of a case side by side)."""
@@ -156,7 +158,7 @@ def _contender_rows(spec, contender, ctx, modes, numel, dtype, device, timing,
     try:
         forward = contender.build(spec, ctx)
     except contenders_mod.Unavailable as exc:
-        return [{**base, "mode": m, "status": "unavailable", "reason": str(exc)} for m in modes]
+        return [{**base, "mode": m, "status": "unavailable", "reason": str(exc)} for m in pools]
     rows = []
     try:
         saved = saved_bytes(forward, _inputs(numel, dtype, device, 1, grad=True)[0][0])
@@ -164,17 +166,16 @@ def _contender_rows(spec, contender, ctx, modes, numel, dtype, device, timing,
         saved, saved_error = None, f"{type(exc).__name__}: {exc}"
     else:
         saved_error = None
-    for mode in modes:
+    for mode, pool in pools.items():
         row = {**base, "mode": mode, "saved_bytes": saved}
         if saved_error:
             row["saved_bytes_error"] = saved_error
         try:
-            step = _mode_step(mode, forward, numel, dtype, device, timing)
+            step = _mode_step(mode, forward, pool)
             step()  # fails here, not inside the side-by-side timing
             peak = None
             if mode == "forward+backward" and device.type == "cuda":
-                one = _mode_step(mode, forward, numel, dtype, device, timing, count=1)
-                peak = peak_memory_bytes(one, device)
+                peak = peak_memory_bytes(_mode_step(mode, forward, pool[:1]), device)
         except Exception as exc:  # a contender that fails here must not end the whole run
             rows.append({**row, "status": "error", "reason": f"{type(exc).__name__}: {exc}"})
             continue
@@ -201,11 +202,14 @@ def _inputs(numel, dtype, device, count, grad):
     ]
 
 
-def _mode_step(mode, forward, numel, dtype, device, timing, count=None) -> Callable[[], object]:
-    """The zero-argument callable timed for ``mode``, over a rotating pool of inputs."""
-    if count is None:
-        count = rotation_count(ELEMENTS_MOVED[mode] * numel * _itemsize(dtype), device, timing)
-    pool = _inputs(numel, dtype, device, count, grad=mode != "forward")
+def _mode_inputs(mode, numel, dtype, device, timing) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The rotating pool of (x, grad_out) pairs for ``mode``."""
+    count = rotation_count(ELEMENTS_MOVED[mode] * numel * _itemsize(dtype), device, timing)
+    return _inputs(numel, dtype, device, count, grad=mode != "forward")
+
+
+def _mode_step(mode, forward, pool) -> Callable[[], object]:
+    """The zero-argument callable timed for ``mode``, cycling through ``pool``."""
     if mode == "forward":
         next_x = cycling([x for x, _ in pool])
 
@@ -230,9 +234,11 @@ def _mode_step(mode, forward, numel, dtype, device, timing, count=None) -> Calla
 
 def _add_ratios(rows: list[dict], dtype, numel, copy: Timing) -> None:
     """Bandwidth, ratio to the copy and speed-up against each baseline, per mode. Where the
-    contenders were timed in rounds side by side, speed-ups are the median of the per-round
-    ratios (``speedup``) with their p20-p80 (``speedup_spread``)."""
-    copy_gbps = 2 * numel * _itemsize(dtype) / copy.median / 1e9
+    contenders were timed in rounds side by side, both ratios are taken round by round: the
+    speed-up is the median of the per-round ratios (``speedup``) with their p20-p80
+    (``speedup_spread``) and the 95% confidence interval of that median (``speedup_ci95``)."""
+    copy_bytes = 2 * numel * _itemsize(dtype)
+    copy_gbps = copy_bytes / copy.median / 1e9
     by_mode: dict[str, dict[str, Timing]] = {}
     for row in rows:
         if row["status"] == "ok":
@@ -245,9 +251,10 @@ def _add_ratios(rows: list[dict], dtype, numel, copy: Timing) -> None:
         times, own = by_mode[row["mode"]], _timing_of_row(row)
         ratios = {b: paired_ratio(times[b], own) for b in contenders_mod.BASELINES if b in times}
         row.update(bytes_moved=bytes_moved, gbps=gbps, copy_gbps=copy_gbps,
-                   copy_ratio=gbps / copy_gbps,
-                   speedup={b: r[0] for b, r in ratios.items()},
-                   speedup_spread={b: [r[1], r[2]] for b, r in ratios.items()})
+                   copy_ratio=bytes_moved / copy_bytes * paired_ratio(copy, own).median,
+                   speedup={b: r.median for b, r in ratios.items()},
+                   speedup_spread={b: [r.p20, r.p80] for b, r in ratios.items()},
+                   speedup_ci95={b: [r.ci_low, r.ci_high] for b, r in ratios.items()})
 
 
 def _one_line(rows: list[dict]) -> str:

@@ -245,14 +245,14 @@ def evaluate_targets(records: list[dict], device_type: str, ours: str) -> list[d
 
 
 def _unmet_status(row: dict, target: Target) -> str:
-    """"not met", or, for a speed-up whose per-round ratios straddle the threshold, "within
-    noise" with their p20-p80: this run cannot tell it from the threshold."""
+    """"not met", or, for a speed-up whose median's 95% confidence interval reaches the
+    threshold, "within noise" with that interval: this run cannot tell it from the threshold."""
     if not target.metric.startswith("speedup.") or target.op != ">=":
         return "not met"
-    spread = row.get("speedup_spread", {}).get(target.metric.split(".", 1)[1])
-    if spread is None or spread[1] < target.threshold:
+    interval = row.get("speedup_ci95", {}).get(target.metric.split(".", 1)[1])
+    if interval is None or interval[1] < target.threshold:
         return "not met"
-    return f"within noise (per-round ratios p20–p80 {spread[0]:.2f}–{spread[1]:.2f})"
+    return f"within noise (95% CI of the median {interval[0]:.2f}–{interval[1]:.2f})"
 
 
 def _metric(row: dict, metric: str) -> float | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -25,7 +26,7 @@ from mishkit.registry import ACTIVATIONS
 from . import figures, report, summary
 from .kernel import MODES, KernelGrid, run_kernel_grid
 from .layers import CompileConfig, NetworkConfig, run_bn_act, run_compiled_networks, run_network
-from .timing import TimingConfig
+from .timing import TimingConfig, keep_freed_memory_for_reuse
 
 ALL = tuple(ACTIVATIONS)
 SEGMENTATION, STACK = "resnet50dilated+ppm_deepsup", "conv-bn-act stack"  # layers.NETWORKS keys
@@ -73,6 +74,16 @@ PRESETS: dict[str, Preset] = {
 }
 SUITES = ("kernel", "bn_act", "network", "memory", "compile")
 TARGET_LOG2 = {"cuda": 26, "cpu": 22}
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return seconds
 
 
 def _csv(text: str) -> list[str]:
@@ -127,6 +138,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="activations for which torch.compile is a contender")
     parser.add_argument("--time-budget", type=float,
                         help="seconds for the kernel grid; cases left over are recorded skipped")
+    parser.add_argument("--cpu-seconds", type=_positive_seconds,
+                        help="seconds each CPU contender is timed per case, in alternating "
+                        "rounds (default: the preset's)")
     parser.add_argument("--compile-backend",
                         help="torch.compile backend of the compile suite (default: the preset's, "
                         "inductor except in --smoke)")
@@ -165,12 +179,15 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"bench: {exc}") from None
     timing = dataclasses.replace(TimingConfig(), **preset.timing)
+    if args.cpu_seconds is not None:
+        timing = dataclasses.replace(timing, cpu_min_run_time_s=args.cpu_seconds)
     out = args.out or Path("benchmarks/results") / report.device_slug(device)
     ours = "mishkit-" + backends.choose("auto", device, "mish")
     log = lambda line: print(line, flush=True)  # noqa: E731
     started = time.perf_counter()
     writer = report.ResultsWriter(out)
-    writer.write([report.metadata(device, sys.argv)])
+    malloc = keep_freed_memory_for_reuse() if device.type == "cpu" else "default"
+    writer.write([{**report.metadata(device, sys.argv), "cpu_malloc": malloc}])
     bn_dtypes = [d for d in grid.dtypes if d != "fp16" and (d == "fp32" or device.type == "cuda")]
     suites = {
         "kernel": lambda: run_kernel_grid(grid, device, timing, log),
