@@ -103,7 +103,7 @@ def run_kernel_grid(grid: KernelGrid, device: torch.device, timing: TimingConfig
         pools = {mode: _mode_inputs(mode, numel, dtype, device, timing) for mode in grid.modes}
         for contender in chosen:
             rows += _contender_rows(spec, contender, ctx, pools, numel, dtype, device, pending)
-            if device.type == "cuda":  # one contender's inputs alive at a time
+            if device.type == "cuda":  # one contender's steps (retained graphs) alive at a time
                 _measure_pending(pending, device, timing)
         _measure_pending(pending, device, timing)
         if copy_record is not None:
@@ -248,7 +248,8 @@ def _add_ratios(rows: list[dict], dtype, numel, copy: Timing) -> None:
             continue
         bytes_moved = ELEMENTS_MOVED[row["mode"]] * numel * _itemsize(dtype)
         gbps = bytes_moved / (row["time_ms_median"] * 1e-3) / 1e9
-        times, own = by_mode[row["mode"]], _timing_of_row(row)
+        times = by_mode[row["mode"]]
+        own = times[row["contender"]]
         ratios = {b: paired_ratio(times[b], own) for b in contenders_mod.BASELINES if b in times}
         row.update(bytes_moved=bytes_moved, gbps=gbps, copy_gbps=copy_gbps,
                    copy_ratio=bytes_moved / copy_bytes * paired_ratio(copy, own).median,
