@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "act_eager.h"
 #include "activations.h"
 #include "cpu/act_kernels.h"
 
@@ -66,6 +67,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Instruction set of the CPU kernels in use: 'avx512', 'avx2' or 'default'.");
   m.def("set_cpu_capability", &mishkit::cpu::set_cpu_capability, pybind11::arg("capability"),
         "Switch the CPU kernels to 'default', 'avx2' or 'avx512' (tests, benchmarks).");
+  m.def("act_forward_eager", &mishkit::act_forward_eager, pybind11::arg("x"),
+        pybind11::arg("name"), pybind11::arg("params"), pybind11::arg("inplace"),
+        pybind11::arg("backend"),
+        "act_forward(x, name, list(params)) (act_forward_ if inplace) through the dispatcher "
+        "for the plain eager call (exact tensor, no torch_function mode, the extension's "
+        "backend for x's device), else None; mishkit.ops.apply tries it first.");
   m.def("version", [] { return std::string(MISHKIT_VERSION_STRING); },
         "mishkit version the extension was built from.");
 }

@@ -25,8 +25,11 @@ def activation(x: torch.Tensor, name: str, *, inplace: bool = False, backend: st
 
 
 def _make_function(spec: ActivationSpec):
+    defaults = spec.bind((), {})
+
     def function(x, *args, inplace=False, backend="auto", **kwargs):
-        return ops.apply(x, spec, spec.bind(args, kwargs), inplace, backend)
+        params = spec.bind(args, kwargs) if args or kwargs else defaults
+        return ops.apply(x, spec, params, inplace, backend)
 
     parameters = [inspect.Parameter("x", inspect.Parameter.POSITIONAL_ONLY)]
     parameters += [

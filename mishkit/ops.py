@@ -22,6 +22,7 @@ import torch
 from . import backends
 from ._checks import check_input
 from .backends import lowering
+from .backends.extension import EAGER_FORWARD as _EAGER_FORWARD
 from .registry import ActivationSpec
 
 
@@ -37,6 +38,10 @@ def lowered(backend: str) -> bool:
 
 def apply(x: torch.Tensor, spec: ActivationSpec, params: tuple, inplace: bool, backend: str):
     """Run activation ``spec`` on ``x`` with the chosen backend (the functional API's core)."""
+    if _EAGER_FORWARD is not None and not torch.compiler.is_compiling():
+        y = _EAGER_FORWARD(x, spec.name, params, inplace, backend)
+        if y is not None:  # the extension took the plain call; anything else is checked below
+            return y
     check_input(x, spec.name)
     backends.check_backend_name(backend, f"mishkit.{spec.name}")
     if inplace and torch.is_grad_enabled() and x.requires_grad:
