@@ -10,7 +10,8 @@
 // or nn.Parameter (a subclass may override __torch_function__), a torch_function mode active or a
 // skip pending (both need torch.ops' handling), a dtype the op does not take, a backend other
 // than "auto" or the extension's own for x's device, a device the extension does not serve, or an
-// in-place call on a tensor autograd tracks (Python's error explains why that is refused).
+// in-place call on a tensor autograd tracks or that has a forward-mode tangent (Python's error
+// explains why that is refused).
 #include "act_eager.h"
 
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -75,7 +76,8 @@ pybind11::object act_forward_eager(pybind11::handle x, pybind11::handle name,
   const at::Tensor& input = THPVariable_Unpack(x.ptr());
   if (!input.defined() || !is_float_dtype(input.scalar_type()) ||
       !extension_serves(backend.ptr(), input.device()) ||
-      (inplace && c10::GradMode::is_enabled() && input.requires_grad())) {
+      (inplace && ((c10::GradMode::is_enabled() && input.requires_grad()) ||
+                   input._fw_grad(/*level=*/0).defined()))) {
     return pybind11::none();
   }
   c10::SmallVector<double, act::kMaxParams> values;

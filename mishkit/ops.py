@@ -18,6 +18,7 @@ its kernel there too.
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 from . import backends
 from ._checks import check_input
@@ -36,6 +37,20 @@ def lowered(backend: str) -> bool:
     return backend == "auto" and torch.compiler.is_compiling()
 
 
+def _tangent(x: torch.Tensor) -> torch.Tensor | None:
+    """``x``'s forward-mode tangent, or None (under torch.compile, which traces forward AD)."""
+    if torch.compiler.is_compiling():
+        return None
+    return forward_ad.unpack_dual(x).tangent
+
+
+def _forward_with_tangent(kernels, primal, tangent, name: str, params: list):
+    """Forward-mode AD for backends whose ops have no rule for it (torch's custom-op autograd
+    has none): y's tangent is f'(x) * tangent, the backend's own backward op."""
+    y = kernels.forward(primal, name, params)
+    return forward_ad.make_dual(y, kernels.backward(tangent, primal, name, params))
+
+
 def apply(x: torch.Tensor, spec: ActivationSpec, params: tuple, inplace: bool, backend: str):
     """Run activation ``spec`` on ``x`` with the chosen backend (the functional API's core)."""
     if _EAGER_FORWARD is not None and not torch.compiler.is_compiling():
@@ -50,11 +65,19 @@ def apply(x: torch.Tensor, spec: ActivationSpec, params: tuple, inplace: bool, b
             "the in-place op would overwrite it. Use inplace=False, or run under "
             "torch.no_grad() / torch.inference_mode() for inference."
         )
+    if inplace and _tangent(x) is not None:
+        raise RuntimeError(
+            f"mishkit.{spec.name}(inplace=True): x has a forward-mode tangent, and the in-place "
+            "activation would overwrite the x that f'(x) * tangent needs; use inplace=False")
     params = list(params)
     if lowered(backend):
         y = lowering.activation(x, spec.name, params)
         return x.copy_(y) if inplace else y
-    kernels = backends.kernels(backends.choose(backend, x.device, spec.name)).act
+    chosen = backends.choose(backend, x.device, spec.name)
+    kernels = backends.kernels(chosen).act
+    if chosen not in backends.FORWARD_AD_IN_KERNELS and (tangent := _tangent(x)) is not None:
+        primal = forward_ad.unpack_dual(x).primal
+        return _forward_with_tangent(kernels, primal, tangent, spec.name, params)
     if inplace:
         if torch.compiler.is_compiling():
             # compile can't functionalize a custom op returning an alias of its input: write back

@@ -152,18 +152,23 @@ def _gelu_grad(x):
     return _limits(x, cdf + x * pdf, 0.0, 1.0)
 
 
+# 0.5 * (1 + tanh(u)) = sigmoid(2u): the sigmoid form keeps float32 accurate for x << 0, where
+# 1 + tanh(u) and 1 - tanh(u)^2 cancel (30% relative error in f'(-5) in float32)
+def _gelu_tanh_arg(x):
+    return 2 * _SQRT_2_OVER_PI * (x + _GELU_TANH_COEF * x**3)
+
+
 def _gelu_tanh(x):
-    t = torch.tanh(_SQRT_2_OVER_PI * (x + _GELU_TANH_COEF * x**3))
-    return _limits(x, 0.5 * x * (1 + t), 0.0)
+    return _limits(x, x * torch.sigmoid(_gelu_tanh_arg(x)), 0.0)
 
 
 def _gelu_tanh_grad(x):
     # beyond |x| = 10 the derivative has saturated to 0 / 1 even in float64; clamping avoids the
     # inf * 0 of x^3 overflowing (|x| > ~1e154 in float64)
     xc = torch.clamp(x, -10.0, 10.0)
-    t = torch.tanh(_SQRT_2_OVER_PI * (xc + _GELU_TANH_COEF * xc**3))
-    inner_grad = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_COEF * xc * xc)
-    d = 0.5 * (1 + t) + 0.5 * xc * (1 - t * t) * inner_grad
+    v = _gelu_tanh_arg(xc)
+    inner_grad = 2 * _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_COEF * xc * xc)  # dv/dx
+    d = torch.sigmoid(v) * (1 + xc * torch.sigmoid(-v) * inner_grad)
     return torch.where(x > 10, 1.0, torch.where(x < -10, 0.0, d)).to(x.dtype)
 
 

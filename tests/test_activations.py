@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -61,8 +62,34 @@ def test_gradcheck_and_gradgradcheck_float64(name, backend):
     def fn(t):
         return MF.activation(t, name, backend=backend, **params)
 
-    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradcheck(fn, (x,), check_forward_ad=True)
     assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_mode_tangent_is_the_derivative_times_the_tangent(name, dtype, backend):
+    params = PARAMS.get(name, {})
+    x = grid(dtype)  # no requires_grad: forward mode alone
+    tangent = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    with fwAD.dual_level():
+        y = MF.activation(fwAD.make_dual(x, tangent), name, backend=backend, **params)
+        y_primal, y_tangent = fwAD.unpack_dual(y)
+    assert y_tangent is not None, "the tangent was dropped"
+    assert_close(y_primal, reference(name, x, **params), dtype)
+    assert_close(y_tangent, reference_grad(name, x, tangent, **params), dtype)
+    jvp = torch.func.jvp(lambda t: MF.activation(t, name, backend=backend, **params),
+                         (x,), (tangent,))[1]
+    assert_close(jvp, reference_grad(name, x, tangent, **params), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_refuses_a_forward_mode_tangent(backend):
+    with fwAD.dual_level():
+        x = fwAD.make_dual(torch.randn(8), torch.randn(8))
+        with pytest.raises(RuntimeError, match="forward-mode tangent"):
+            MF.relu(x, inplace=True, backend=backend)
 
 
 NATIVE = [name for name, spec in ACTIVATIONS.items() if spec.native is not None]

@@ -174,3 +174,22 @@ def test_jit_trace_records_the_op():
     assert "mishkit::act_forward" in str(traced.graph)
     x = torch.randn(33)
     assert torch.equal(traced(x), MF.mish(x))
+
+
+def test_graph_node_frees_x_after_backward_and_checks_its_version():
+    x = _x(torch.float64).requires_grad_()
+    y = MF.mish(x)
+    assert y.grad_fn.name() == "mishkit::ActBackward"
+    assert y.grad_fn.next_functions[0][0].variable is x
+    y.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    y.sum().backward()  # retained: runs again
+    assert torch.equal(x.grad, 2 * first)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+    leaf = _x().requires_grad_()
+    z = leaf * 1
+    out = MF.mish(z)
+    z.add_(1)  # overwrites the input the node saved
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

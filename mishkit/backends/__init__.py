@@ -28,6 +28,9 @@ _KERNELS: dict[str, KernelSet] = {
     "torch": reference.KERNELS._replace(bn_act_output=reference_output.KERNELS)}
 if extension.KERNELS is not None:
     _KERNELS["cpu"] = _KERNELS["cuda"] = extension.KERNELS
+# backends whose activation op sets a forward-mode tangent itself (the extension's C++ autograd);
+# for the others mishkit.ops.apply computes it with their backward op
+FORWARD_AD_IN_KERNELS = frozenset(("cpu", "cuda"))
 _TRITON_ERROR: list[str | None] = []  # [] until the first load attempt, then [reason or None]
 
 
