@@ -25,10 +25,8 @@ def activation(x: torch.Tensor, name: str, *, inplace: bool = False, backend: st
 
 
 def _make_function(spec: ActivationSpec):
-    defaults = spec.bind((), {})
-
     def function(x, *args, inplace=False, backend="auto", **kwargs):
-        params = spec.bind(args, kwargs) if args or kwargs else defaults
+        params = spec.bind(args, kwargs) if args or kwargs else spec.defaults
         return ops.apply(x, spec, params, inplace, backend)
 
     parameters = [inspect.Parameter("x", inspect.Parameter.POSITIONAL_ONLY)]

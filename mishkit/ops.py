@@ -10,6 +10,10 @@ Every compiled backend exposes three ops with one schema (the C++ extension as
 Their fakes and autograd are registered by the backends themselves (:mod:`mishkit.backends`);
 the ``torch`` backend is an autograd.Function with the same save-only-x contract.
 
+A plain eager call (an exact tensor, no ``__torch_function__`` mode, the extension's backend for its
+device) goes straight to ``mishkit._C.act_forward_eager``, the same op without ``torch.ops``'
+generic argument matching; it returns None for anything else, which the checks below handle.
+
 Under ``torch.compile``, ``backend="auto"`` runs :mod:`mishkit.backends.lowering` instead (the
 same formulas as pointwise torch ops, which Inductor fuses and recomputes); a forced backend keeps
 its kernel there too.

@@ -48,11 +48,16 @@ class ActivationSpec:
     smooth: bool = True  # C-infinity
     # parameters that may be +-inf (a threshold: inf switches the cut-off off, as torch allows)
     infinite_params: tuple[str, ...] = ()
+    # the parameters' defaults as the ordered float tuple the kernels take (the common call's)
+    defaults: tuple[float, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "defaults", tuple(map(float, self.params.values())))
 
     def bind(self, args: tuple, kwargs: dict) -> tuple[float, ...]:
         """Resolve positional/keyword parameters to the ordered float tuple the kernels take."""
         if not args and not kwargs:  # the defaults (the common call, so without the checks)
-            return tuple(map(float, self.params.values()))
+            return self.defaults
         names = list(self.params)
         if len(args) > len(names):
             raise TypeError(
