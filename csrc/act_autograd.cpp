@@ -8,7 +8,6 @@
 // without grad, ~8 us with, ~16 us per forward+backward, which made small tensors 1.3-3x slower
 // than torch's native activations.
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/SmallVector.h>
 #include <torch/csrc/autograd/function.h>
@@ -20,29 +19,10 @@
 
 #include <string>
 
+#include "act_op_handles.h"
+
 namespace mishkit {
 namespace {
-
-using ForwardSignature = at::Tensor(const at::Tensor&, c10::string_view, c10::ArrayRef<double>);
-using InplaceSignature = at::Tensor&(at::Tensor&, c10::string_view, c10::ArrayRef<double>);
-using BackwardSignature = at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view,
-                                     c10::ArrayRef<double>);
-
-c10::OperatorHandle find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
-}
-const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
-  static const auto op = find_op("mishkit::act_forward").typed<ForwardSignature>();
-  return op;
-}
-const c10::TypedOperatorHandle<InplaceSignature>& inplace_op() {
-  static const auto op = find_op("mishkit::act_forward_").typed<InplaceSignature>();
-  return op;
-}
-const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
-  static const auto op = find_op("mishkit::act_backward").typed<BackwardSignature>();
-  return op;
-}
 
 // The graph node of y = f(x): saves only x (its version is checked when backward unpacks it);
 // backward is one act_backward call, grad_out * f'(x). A plain Node, as torch's generated ones
@@ -61,10 +41,10 @@ class ActBackward : public torch::autograd::Node {
     }
     const at::Tensor x = x_.unpack();
     if (c10::GradMode::is_enabled()) {  // create_graph: act_backward's autograd records it
-      return {backward_op().call(grad_out, x, name_, params_)};
+      return {act_backward_op().call(grad_out, x, name_, params_)};
     }
     const at::AutoDispatchBelowADInplaceOrView guard;  // its autograd would only pass it on
-    return {backward_op().call(grad_out, x, name_, params_)};
+    return {act_backward_op().call(grad_out, x, name_, params_)};
   }
 
   std::string name() const override { return "mishkit::ActBackward"; }
@@ -88,7 +68,7 @@ at::Tensor act_forward_autograd(const at::Tensor& x, c10::string_view name,
   at::Tensor y;
   {
     const at::AutoDispatchBelowADInplaceOrView guard;
-    y = forward_op().call(x, name, params);
+    y = act_forward_op().call(x, name, params);
   }
   if (c10::GradMode::is_enabled() && x.requires_grad()) {
     auto node = c10::make_intrusive<ActBackward>(x, name, params);
@@ -97,7 +77,7 @@ at::Tensor act_forward_autograd(const at::Tensor& x, c10::string_view name,
   }
   const at::Tensor& tangent = x._fw_grad(/*level=*/0);
   if (tangent.defined()) {
-    y._set_fw_grad(backward_op().call(tangent, x._fw_primal(/*level=*/0), name, params),
+    y._set_fw_grad(act_backward_op().call(tangent, x._fw_primal(/*level=*/0), name, params),
                    /*level=*/0, /*is_inplace_op=*/false);
   }
   return y;
@@ -115,7 +95,7 @@ at::Tensor& act_forward_inplace_autograd(at::Tensor& x, c10::string_view name,
               "): x has a forward-mode tangent, and the in-place activation would overwrite the ",
               "x that f'(x) * tangent needs; use act_forward");
   const at::AutoDispatchBelowAutograd guard;
-  return inplace_op().call(x, name, params);
+  return act_inplace_op().call(x, name, params);
 }
 
 // ADInplaceOrView: bump x's version counter (as every torch in-place op does), so autograd
@@ -125,7 +105,7 @@ at::Tensor& act_forward_inplace_version(at::Tensor& x, c10::string_view name,
                                         c10::ArrayRef<double> params) {
   x.unsafeGetTensorImpl()->bump_version();
   const at::AutoDispatchBelowADInplaceOrView guard;
-  return inplace_op().call(x, name, params);
+  return act_inplace_op().call(x, name, params);
 }
 
 }  // namespace

@@ -15,13 +15,12 @@
 #include "act_eager.h"
 
 #include <ATen/PythonTorchFunctionTLS.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/SmallVector.h>
 #include <torch/csrc/autograd/python_variable.h>
 
-#include <string_view>
 
+#include "act_op_handles.h"
 #include "activations.h"
 #include "checks.h"
 
@@ -31,21 +30,6 @@
 
 namespace mishkit {
 namespace {
-
-using ForwardSignature = at::Tensor(const at::Tensor&, c10::string_view, c10::ArrayRef<double>);
-using InplaceSignature = at::Tensor&(at::Tensor&, c10::string_view, c10::ArrayRef<double>);
-
-c10::OperatorHandle find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
-}
-const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
-  static const auto op = find_op("mishkit::act_forward").typed<ForwardSignature>();
-  return op;
-}
-const c10::TypedOperatorHandle<InplaceSignature>& inplace_op() {
-  static const auto op = find_op("mishkit::act_forward_").typed<InplaceSignature>();
-  return op;
-}
 
 bool is_str(PyObject* obj, const char* text) {
   return PyUnicode_Check(obj) && PyUnicode_CompareWithASCIIString(obj, text) == 0;
@@ -99,9 +83,9 @@ pybind11::object act_forward_eager(pybind11::handle x, pybind11::handle name,
     const pybind11::gil_scoped_release no_gil;  // as torch's own bindings do, for other threads
     if (inplace) {
       at::Tensor output = input;
-      inplace_op().call(output, activation, values);
+      act_inplace_op().call(output, activation, values);
     } else {
-      y = forward_op().call(input, activation, values);
+      y = act_forward_op().call(input, activation, values);
     }
   }
   if (inplace) {
