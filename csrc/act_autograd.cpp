@@ -16,10 +16,10 @@
 #include <torch/library.h>
 
 #include <mutex>
-
 #include <string>
 
 #include "act_op_handles.h"
+#include "activations.h"
 
 namespace mishkit {
 namespace {
@@ -57,7 +57,7 @@ class ActBackward : public torch::autograd::Node {
  private:
   torch::autograd::SavedVariable x_;
   std::string name_;
-  c10::SmallVector<double, 2> params_;
+  c10::SmallVector<double, act::kMaxParams> params_;
 };
 
 // Reverse mode records an ActBackward node; forward mode (a tangent t on x, as

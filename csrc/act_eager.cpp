@@ -1,7 +1,7 @@
 // act_forward's eager entry from Python. torch.ops.mishkit.act_forward matches its arguments
-// against the schema in Python-facing generic code on every call; after a large tensor has
-// evicted the caches that path alone cost 13-45 us per call, 3-10% of a memory-bound 2^22-element
-// forward. This entry unpacks the arguments directly and calls the same op through the
+// against the schema in generic code on every call; with mishkit.functional's Python in front of
+// it, that call path cost 13-45 us per call once a large tensor had evicted the caches, 3-10% of a
+// memory-bound 2^22-element forward. This entry unpacks the arguments directly and calls the same op through the
 // dispatcher, so autograd, inference mode, torch_dispatch modes and the JIT tracer all see the
 // same op call.
 //
@@ -18,7 +18,6 @@
 #include <c10/core/GradMode.h>
 #include <c10/util/SmallVector.h>
 #include <torch/csrc/autograd/python_variable.h>
-
 
 #include "act_op_handles.h"
 #include "activations.h"

@@ -49,7 +49,7 @@ def _load():
 # Loaded once at import, as a plain module attribute: torch.compile traces lookups as constants.
 MODULE, REASON = _load()
 # act_forward(_)'s entry for plain eager calls, or None for any call it does not serve
-# (csrc/act_eager.cpp): torch.ops' generic argument matching cost 3-10% of a memory-bound forward
+# (csrc/act_eager.cpp): the torch.ops call path cost 3-10% of a memory-bound forward
 EAGER_FORWARD = MODULE.act_forward_eager if MODULE is not None else None
 
 
