@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +83,10 @@ def barrier() -> None:
 
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
+        # gloo's worker threads free finished work (tensors with Python objects: they take the
+        # GIL); the process group's destructor joins those threads while holding the GIL, which
+        # hung 1 of 3 two-rank CPU runs at exit. A GIL-free pause lets them finish first.
+        time.sleep(0.2)
         dist.destroy_process_group()
 
 
