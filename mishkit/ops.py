@@ -41,11 +41,12 @@ def lowered(backend: str) -> bool:
     return backend == "auto" and torch.compiler.is_compiling()
 
 
-def _tangent(x: torch.Tensor) -> torch.Tensor | None:
-    """``x``'s forward-mode tangent, or None (under torch.compile, which traces forward AD)."""
+def _unpack_dual(x: torch.Tensor) -> forward_ad.UnpackedDualTensor:
+    """``(primal, tangent)`` of ``x``; tangent None without one, and under torch.compile (which
+    traces forward AD itself)."""
     if torch.compiler.is_compiling():
-        return None
-    return forward_ad.unpack_dual(x).tangent
+        return forward_ad.UnpackedDualTensor(x, None)
+    return forward_ad.unpack_dual(x)
 
 
 def _forward_with_tangent(kernels, primal, tangent, name: str, params: list):
@@ -69,7 +70,7 @@ def apply(x: torch.Tensor, spec: ActivationSpec, params: tuple, inplace: bool, b
             "the in-place op would overwrite it. Use inplace=False, or run under "
             "torch.no_grad() / torch.inference_mode() for inference."
         )
-    if inplace and _tangent(x) is not None:
+    if inplace and _unpack_dual(x).tangent is not None:
         raise RuntimeError(
             f"mishkit.{spec.name}(inplace=True): x has a forward-mode tangent, and the in-place "
             "activation would overwrite the x that f'(x) * tangent needs; use inplace=False")
@@ -79,9 +80,10 @@ def apply(x: torch.Tensor, spec: ActivationSpec, params: tuple, inplace: bool, b
         return x.copy_(y) if inplace else y
     chosen = backends.choose(backend, x.device, spec.name)
     kernels = backends.kernels(chosen).act
-    if chosen not in backends.FORWARD_AD_IN_KERNELS and (tangent := _tangent(x)) is not None:
-        primal = forward_ad.unpack_dual(x).primal
-        return _forward_with_tangent(kernels, primal, tangent, spec.name, params)
+    if chosen not in backends.FORWARD_AD_IN_KERNELS:
+        primal, tangent = _unpack_dual(x)
+        if tangent is not None:
+            return _forward_with_tangent(kernels, primal, tangent, spec.name, params)
     if inplace:
         if torch.compiler.is_compiling():
             # compile can't functionalize a custom op returning an alias of its input: write back
