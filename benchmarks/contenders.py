@@ -4,6 +4,11 @@ Each contender builds a forward callable ``f(x) -> y`` for one activation on one
 raises :class:`Unavailable` with the reason (a missing backend, no native op, ...), which the
 harness records instead of crashing. Backward timings go through autograd for every contender,
 so each pays the same engine overhead and runs its own backward kernels.
+
+The ``mishkit-cpu-<build>`` contenders (opt-in: ``--contenders``) run the CPU kernels of one
+instruction-set build, switched for the whole timed step (forward and its backward) and back
+after it, so the builds are timed side by side in one run with the automatic choice
+(``mishkit-cpu``) and each row carries its speed-up against every build.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from mishkit import backends, functional
+from mishkit.info import CPU_BUILD_FLAGS
 from mishkit.registry import ActivationSpec
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+Step = Callable[[], object]
 
 
 class Unavailable(Exception):
@@ -61,9 +68,14 @@ class BuildContext:
 @dataclass(frozen=True)
 class Contender:
     name: str
-    role: str  # "mishkit" (ours), "baseline" (speed-ups are reported against it) or "floor"
+    # "mishkit" (ours), "baseline" (speed-ups are reported against it), "floor", or "cpu build"
+    # (one ISA build of the CPU kernels; speed-ups are reported against it too)
+    role: str
     build: Callable[[ActivationSpec, BuildContext], Forward]
     description: str
+    # wraps the whole timed step (forward and backward), for state the step must run under
+    around: Callable[[Step], Step] | None = None
+    default: bool = True  # in the run when --contenders is not given
 
 
 def _mishkit_backend(backend: str) -> Callable[[ActivationSpec, BuildContext], Forward]:
@@ -77,6 +89,49 @@ def _mishkit_backend(backend: str) -> Callable[[ActivationSpec, BuildContext], F
         return lambda x: functional.activation(x, name, backend=backend)
 
     return build
+
+
+def _cpu_build(capability: str) -> Callable[[ActivationSpec, BuildContext], Forward]:
+    def build(spec: ActivationSpec, ctx: BuildContext) -> Forward:
+        if ctx.device.type != "cpu":
+            raise Unavailable(f"the {capability} build of the CPU kernels runs on CPU tensors only")
+        reason = backends.unavailable_reason("cpu", ctx.device)
+        if reason is not None:
+            raise Unavailable(reason)
+        module, _ = backends.extension_module()
+        previous = module.cpu_capability()
+        try:
+            module.set_cpu_capability(capability)
+        except RuntimeError as exc:  # this CPU lacks the build's instructions
+            raise Unavailable(str(exc)) from None
+        finally:
+            module.set_cpu_capability(previous)
+        name = spec.name
+        return lambda x: functional.activation(x, name, backend="cpu")
+
+    return build
+
+
+def _with_cpu_build(capability: str) -> Callable[[Step], Step]:
+    """The step with ``capability``'s kernels active while it runs, the previous build after.
+    The switch is process-wide (one atomic store), so backward, which autograd runs for CPU
+    tensors on the calling thread, takes the same build."""
+
+    def around(step: Step) -> Step:
+        module, _ = backends.extension_module()
+        select, active = module.set_cpu_capability, module.cpu_capability
+
+        def step_with_build():
+            previous = active()
+            select(capability)
+            try:
+                return step()
+            finally:
+                select(previous)
+
+        return step_with_build
+
+    return around
 
 
 def _native(spec: ActivationSpec, ctx: BuildContext) -> Forward:
@@ -127,16 +182,22 @@ CONTENDERS: dict[str, Contender] = {
         Contender("naive", "baseline", _naive, "the composite formula in eager mode"),
         Contender("compile", "baseline", _compiled, "torch.compile of the composite formula"),
         Contender("relu", "floor", _relu_floor, "F.relu, the cheapest activation (the floor)"),
+        *(Contender(f"mishkit-cpu-{capability}", "cpu build", _cpu_build(capability),
+                    f"mishkit C++ CPU kernels, {capability} build",
+                    around=_with_cpu_build(capability), default=False)
+          for capability in CPU_BUILD_FLAGS),
     )
 }
 
 BASELINES = tuple(name for name, c in CONTENDERS.items() if c.role in ("baseline", "floor"))
+CPU_BUILDS = tuple(name for name, c in CONTENDERS.items() if c.role == "cpu build")
 
 
 def resolve(names: list[str] | None) -> list[Contender]:
-    """Contenders by name (all when None); an unknown name is an error listing the valid ones."""
+    """Contenders by name (the default ones when None); an unknown name is an error listing the
+    valid ones."""
     if names is None:
-        return list(CONTENDERS.values())
+        return [c for c in CONTENDERS.values() if c.default]
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
         raise ValueError(

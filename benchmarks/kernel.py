@@ -172,6 +172,8 @@ def _contender_rows(spec, contender, ctx, pools: dict[str, list], numel, dtype, 
             row["saved_bytes_error"] = saved_error
         try:
             step = _mode_step(mode, forward, pool)
+            if contender.around is not None:
+                step = contender.around(step)
             step()  # fails here, not inside the side-by-side timing
             peak = None
             if mode == "forward+backward" and device.type == "cuda":
@@ -250,7 +252,8 @@ def _add_ratios(rows: list[dict], dtype, numel, copy: Timing) -> None:
         gbps = bytes_moved / (row["time_ms_median"] * 1e-3) / 1e9
         times = by_mode[row["mode"]]
         own = times[row["contender"]]
-        ratios = {b: paired_ratio(times[b], own) for b in contenders_mod.BASELINES if b in times}
+        ratios = {b: paired_ratio(times[b], own)
+                  for b in contenders_mod.BASELINES + contenders_mod.CPU_BUILDS if b in times}
         row.update(bytes_moved=bytes_moved, gbps=gbps, copy_gbps=copy_gbps,
                    copy_ratio=bytes_moved / copy_bytes * paired_ratio(copy, own).median,
                    speedup={b: r.median for b, r in ratios.items()},

@@ -20,25 +20,46 @@ RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.md"
 
 
+def _cpuinfo_fields() -> dict[str, str]:
+    """The first processor's "model name", "cpu family" and "model" from /proc/cpuinfo."""
+    fields = {}
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return fields
+    for line in lines:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "cpu family", "model") and key not in fields:
+            fields[key] = value.strip()
+    return fields
+
+
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name with its family and model numbers and core count:
+    virtual machines report one model name ("AMD EPYC") for CPUs generations apart (family 25 is
+    Zen 3 with AVX2, family 26 Zen 5 with AVX-512), and the numbers tell them apart."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
+    fields = _cpuinfo_fields()
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    numbers = ""
+    if "cpu family" in fields and "model" in fields:
+        numbers = f"family {fields['cpu family']}, model {fields['model']}, "
+    return f"{model} ({numbers}{os.cpu_count()} cores)"
 
 
 def device_slug(device: torch.device) -> str:
-    """Directory name under benchmarks/results/, e.g. nvidia-h100-80gb-hbm3, cpu-amd-epyc-2c."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device_name(device)
-    if device.type == "cpu":
-        name = "cpu-" + re.sub(r"\(.*\)", "", name) + f"-{os.cpu_count()}c"
+    """Directory name under benchmarks/results/, e.g. nvidia-h100-80gb-hbm3,
+    cpu-amd-epyc-family25-model1-2c."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        fields = _cpuinfo_fields()
+        name = "cpu-" + (fields.get("model name") or platform.processor() or platform.machine())
+        if "cpu family" in fields and "model" in fields:
+            name += f"-family{fields['cpu family']}-model{fields['model']}"
+        name += f"-{os.cpu_count()}c"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
@@ -221,11 +242,41 @@ def _cpu_activation_targets(records: list[dict], ours: str) -> list[Target]:
     return [t for t in targets if t.label.lower() not in fixed]
 
 
+CPU_BUILD_PREFIX = "mishkit-cpu-"  # + build name: contenders.CPU_BUILDS
+
+
+def _cpu_build_targets(records: list[dict], ours: str) -> list[Target]:
+    """Where ISA builds were timed beside ``ours`` at 2^22: ours (the build the run's metadata
+    names) no slower than each other build that ran. The build ours runs, timed again under its
+    own name, is the run's null comparison, not a target."""
+    meta = next((r for r in records if r.get("record") == "meta"), {})
+    active = meta.get("cpu_capability")
+    builds = list(dict.fromkeys(
+        r["contender"] for r in records if r.get("record") == "kernel" and r.get("status") == "ok"
+        and r.get("role") == "cpu build" and r["contender"] != CPU_BUILD_PREFIX + str(active)))
+    if active is None or not builds:
+        return []
+    targets = []
+    for r in records:
+        if not (r.get("record") == "kernel" and r.get("contender") == ours
+                and r.get("log2_numel") == 22 and r.get("status") == "ok"):
+            continue
+        label = "fwd+bwd" if r["mode"] == "forward+backward" else r["mode"]
+        for build in builds:
+            targets.append(Target(
+                f"CPU {active} build {r['activation']} {label} {r['dtype']} 2^22 no slower than "
+                f"the {build.removeprefix(CPU_BUILD_PREFIX)} build", "kernel",
+                {"activation": r["activation"], "dtype": r["dtype"], "log2_numel": 22,
+                 "mode": r["mode"]}, f"speedup.{build}", ">=", 1.0))
+    return targets
+
+
 def evaluate_targets(records: list[dict], device_type: str, ours: str) -> list[dict]:
     """Each target with its measured value and met / not met / not measured (with why)."""
     rows = []
     targets = (GPU_TARGETS if device_type == "cuda"
-               else CPU_TARGETS + _cpu_activation_targets(records, ours))
+               else CPU_TARGETS + _cpu_activation_targets(records, ours)
+               + _cpu_build_targets(records, ours))
     for target in targets:
         where = dict(target.where)
         if target.record == "kernel":

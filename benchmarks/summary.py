@@ -53,7 +53,8 @@ def render(records: list[dict], targets: list[dict], ours: str, preferred_log2: 
                   f"## Every contender for Mish at 2^{log2}", "",
                   *_kernel_table([r for r in kernel if r["log2_numel"] == log2
                                   and r["activation"] == "mish"], by_contender=True), ""]
-    lines += (_bn_act_section(records) + _network_sections(records) + _compile_section(records)
+    lines += (_cpu_build_section(kernel, ours, meta.get("cpu_capability"))
+              + _bn_act_section(records) + _network_sections(records) + _compile_section(records)
               + _unavailable(records))
     for r in records:
         if r.get("record") == "suite_error":
@@ -86,6 +87,27 @@ def _kernel_table(rows: list[dict], by_contender: bool = False) -> list[str]:
                      _fmt(r.get("saved_bytes"), ".2f", MIB),
                      _fmt(r.get("peak_memory_bytes"), ".1f", MIB)])
     return _table(header, body)
+
+
+def _cpu_build_section(kernel: list[dict], ours: str, active: str | None) -> list[str]:
+    """Ours against each ISA build timed beside it: their time over ours, median of the rounds
+    with its 95% confidence interval (ours' own build, timed again, shows the run's noise)."""
+    builds = list(dict.fromkeys(r["contender"] for r in kernel if r.get("role") == "cpu build"))
+    rows = [r for r in kernel if r["contender"] == ours and any(b in r.get("speedup", {})
+                                                                for b in builds)]
+    if not rows:
+        return []
+
+    def cell(r, build):
+        value, ci = r["speedup"].get(build), r.get("speedup_ci95", {}).get(build)
+        return "–" if value is None else f"{value:.2f} ({ci[0]:.2f}–{ci[1]:.2f})"
+
+    body = [[r["activation"], r["dtype"], f"2^{r['log2_numel']}", r["mode"],
+             f"{r['time_ms_median']:.4f}", *(cell(r, b) for b in builds)] for r in rows]
+    return [f"## CPU ISA builds: `{ours}` (the `{active}` build) against each build", "",
+            "Each build's time / ours, median of the side-by-side rounds (95% CI); above 1: "
+            "ours is faster. Ours against its own build, timed again, is this run's noise.", "",
+            *_table(["activation", "dtype", "size", "mode", "ours ms", *builds], body), ""]
 
 
 def _bn_act_section(records: list[dict]) -> list[str]:
