@@ -56,8 +56,14 @@ def _extensions():
     # builds leave off. Each activation is one long dependency chain per vector (serf: exp,
     # log1p, then erf's exponential); at::native's vectorized loop computes two vectors per
     # iteration, and the core only overlaps them when their instructions are interleaved.
+    # --param early-inlining-insns=30 (GCC's -O3 default: 14): at::native's loop calls the vector
+    # function through std::apply, whose std::__invoke_impl is compiled without the ISA pragma;
+    # unless the early inliner folds that chain into the loop first, GCC may not inline the
+    # AVX-512 function into it ("target specific option mismatch"). With 14 every AVX-512
+    # backward function stayed out of line, called twice per iteration with the loop's vectors
+    # spilled around each call (tests/test_isa_model.py checks that none is).
     cxx_flags = ["-O3", "-g0", "-fvisibility=hidden", "-fopenmp", "-fschedule-insns",
-                 "-fsched-pressure"]
+                 "-fsched-pressure", "--param", "early-inlining-insns=30"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     define_macros = [
         ("MISHKIT_WITH_CUDA", "1" if with_cuda else "0"),
