@@ -236,6 +236,10 @@ void stats_loop(const at::Tensor& x, at::Tensor& mean, at::Tensor& var) {
 }
 
 // dz_out (may be null): also stores dz, so that backward_elemt need not evaluate act' again.
+// The stored dz must be bitwise the dz backward_elemt would compute, so the ISA units compile
+// these loops with fp-contract=off: GCC's implicit contraction of a * b + c into an FMA
+// depended on the context each formula was inlined into (float64 gelu' differed by an ulp
+// between this pass and backward_elemt in the channels-last vector lanes of the AVX2 build).
 template <class Op, class scalar_t>
 void backward_reduce_loop(const at::Tensor& grad_out, const at::Tensor& x,
                           const Channel<at::opmath_type<scalar_t>>& ch, at::Tensor& sum_dz,
