@@ -26,6 +26,7 @@ from mishkit.registry import ActivationSpec
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 Step = Callable[[], object]
+CPU_BUILD_PREFIX = "mishkit-cpu-"  # + the build's name: one contender per ISA build
 
 
 class Unavailable(Exception):
@@ -182,7 +183,7 @@ CONTENDERS: dict[str, Contender] = {
         Contender("naive", "baseline", _naive, "the composite formula in eager mode"),
         Contender("compile", "baseline", _compiled, "torch.compile of the composite formula"),
         Contender("relu", "floor", _relu_floor, "F.relu, the cheapest activation (the floor)"),
-        *(Contender(f"mishkit-cpu-{capability}", "cpu build", _cpu_build(capability),
+        *(Contender(CPU_BUILD_PREFIX + capability, "cpu build", _cpu_build(capability),
                     f"mishkit C++ CPU kernels, {capability} build",
                     around=_with_cpu_build(capability), default=False)
           for capability in CPU_BUILD_FLAGS),

@@ -27,7 +27,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.utils.benchmark as torch_benchmark
+
 from mishkit import backends
+from mishkit.registry import ACTIVATIONS, get_spec
+
+from .report import device_name
 
 MODELS = ("skylake-avx512", "icelake-server", "sapphirerapids", "znver3")
 BUILDS = {"avx2": "AVX2", "avx512": "AVX512"}  # build name: its C++ namespace
@@ -71,13 +77,17 @@ def _symbols(library: str) -> tuple[tuple[int, int, str], ...]:
     return tuple(symbols)
 
 
-def _functor(activation: str) -> str:
-    """The C++ functor of an activation (csrc/activations.h's list)."""
+@functools.cache
+def _functors() -> dict[str, str]:
+    """Activation name: its C++ functor, from csrc/activations.h's MISHKIT_FOR_EACH_ACTIVATION."""
     listing = Path(__file__).resolve().parents[1] / "csrc" / "activations.h"
-    match = re.search(rf"X\({re.escape(activation)}, (\w+)\)", listing.read_text())
-    if match is None:
+    return dict(re.findall(r"X\((\w+), (\w+)\)", listing.read_text()))
+
+
+def _functor(activation: str) -> str:
+    if activation not in _functors():
         raise ModelError(f"no C++ kernel for '{activation}' in csrc/activations.h")
-    return match.group(1)
+    return _functors()[activation]
 
 
 def _loop_functions(library: str, build: str, activation: str,
@@ -167,9 +177,9 @@ def cycles_per_element(loop: Loop, model: str, llvm_mca: str = "llvm-mca",
     return int(match.group(1)) / iterations / loop.elements
 
 
-def _models_for(build: str, models: list[str]) -> list[str]:
+def _has_model(build: str, model: str) -> bool:
     # LLVM 14 has no AVX-512 Zen model (znver4 came later)
-    return [m for m in models if build != "avx512" or not m.startswith("znver")]
+    return build != "avx512" or not model.startswith("znver")
 
 
 def model_table(library: str, activations: list[str], models: list[str],
@@ -181,7 +191,7 @@ def model_table(library: str, activations: list[str], models: list[str],
             for model in models:
                 row = {"activation": activation, "direction": direction, "model": model}
                 for build, loop in loops.items():
-                    if model in _models_for(build, models):
+                    if _has_model(build, model):
                         row[build] = cycles_per_element(loop, model, llvm_mca)
                 rows.append(row)
     return rows
@@ -190,11 +200,6 @@ def model_table(library: str, activations: list[str], models: list[str],
 def measured_ns_per_element(activation: str, direction: str, numel: int = 2**15) -> float:
     """One thread, inputs in cache: the kernel alone (torch.ops, no autograd), the fastest of
     torch.utils.benchmark's blocks (the least disturbed by other work on a shared machine)."""
-    import torch
-    import torch.utils.benchmark as torch_benchmark
-
-    from mishkit.registry import get_spec
-
     params = list(get_spec(activation).defaults)
     x = torch.randn(numel) * 3
     grad = torch.randn(numel)
@@ -264,8 +269,6 @@ def render(rows: list[dict], llvm_mca: str = "llvm-mca") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mishkit.registry import ACTIVATIONS
-
     parser = argparse.ArgumentParser(prog="python -m benchmarks.isa_model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--activations", help="comma list (default: every activation with a "
@@ -285,14 +288,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"mishkit._C does not load ({reason}); pass --extension")
         library = module.__file__
     names = (args.activations.split(",") if args.activations
-             else [n for n in ACTIVATIONS if re.search(rf"X\({n}, ", (
-                 Path(__file__).resolve().parents[1] / "csrc" / "activations.h").read_text())])
+             else [n for n in ACTIVATIONS if n in _functors()])
     try:
         if args.validate:
-            import torch
-
-            from .report import device_name
-
             module, reason = backends.extension_module()
             if module is None:
                 parser.error(f"--validate times the loaded extension, and it does not load: "

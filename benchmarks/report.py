@@ -16,6 +16,8 @@ import torch
 
 from mishkit import __version__, backends, info
 
+from .contenders import CPU_BUILD_PREFIX, CPU_BUILDS
+
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.md"
 
@@ -242,9 +244,6 @@ def _cpu_activation_targets(records: list[dict], ours: str) -> list[Target]:
     return [t for t in targets if t.label.lower() not in fixed]
 
 
-CPU_BUILD_PREFIX = "mishkit-cpu-"  # + build name: contenders.CPU_BUILDS
-
-
 def _cpu_build_targets(records: list[dict], ours: str) -> list[Target]:
     """Where ISA builds were timed beside ``ours`` at 2^22: ours (the build the run's metadata
     names) no slower than each other build that ran. The build ours runs, timed again under its
@@ -253,7 +252,7 @@ def _cpu_build_targets(records: list[dict], ours: str) -> list[Target]:
     active = meta.get("cpu_capability")
     builds = list(dict.fromkeys(
         r["contender"] for r in records if r.get("record") == "kernel" and r.get("status") == "ok"
-        and r.get("role") == "cpu build" and r["contender"] != CPU_BUILD_PREFIX + str(active)))
+        and r.get("contender") in CPU_BUILDS and r["contender"] != CPU_BUILD_PREFIX + str(active)))
     if active is None or not builds:
         return []
     targets = []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .contenders import CPU_BUILDS
+
 MIB = 2**20
 
 
@@ -92,7 +94,7 @@ def _kernel_table(rows: list[dict], by_contender: bool = False) -> list[str]:
 def _cpu_build_section(kernel: list[dict], ours: str, active: str | None) -> list[str]:
     """Ours against each ISA build timed beside it: their time over ours, median of the rounds
     with its 95% confidence interval (ours' own build, timed again, shows the run's noise)."""
-    builds = list(dict.fromkeys(r["contender"] for r in kernel if r.get("role") == "cpu build"))
+    builds = list(dict.fromkeys(r["contender"] for r in kernel if r["contender"] in CPU_BUILDS))
     rows = [r for r in kernel if r["contender"] == ours and any(b in r.get("speedup", {})
                                                                 for b in builds)]
     if not rows:
