@@ -8,7 +8,9 @@ so each pays the same engine overhead and runs its own backward kernels.
 The ``mishkit-cpu-<build>`` contenders (opt-in: ``--contenders``) run the CPU kernels of one
 instruction-set build, switched for the whole timed step (forward and its backward) and back
 after it, so the builds are timed side by side in one run with the automatic choice
-(``mishkit-cpu``) and each row carries its speed-up against every build.
+(``mishkit-cpu``) and each row carries its speed-up against every build. Two more pin the AVX-512
+build's piecewise-linear float loops (relu, leaky_relu, hardswish, hardmish) at 256 or 512 bits,
+the width mishkit._C chooses per CPU vendor.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ from mishkit.registry import ActivationSpec
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 Step = Callable[[], object]
-CPU_BUILD_PREFIX = "mishkit-cpu-"  # + the build's name: one contender per ISA build
+CPU_BUILD_PREFIX = "mishkit-cpu-"  # + a CPU_VARIANTS name: one contender per variant
+# What each "cpu build" contender pins: the ISA build, and the piecewise-linear float loops'
+# width in the AVX-512 build (True: 256 bits, False: 512; None: this CPU's default,
+# mishkit._C.linear_float_loops_256bit)
+CPU_VARIANTS: dict[str, tuple[str, bool | None]] = {
+    **{build: (build, None) for build in CPU_BUILD_FLAGS},
+    "avx512-linear256": ("avx512", True),
+    "avx512-linear512": ("avx512", False),
+}
 
 
 class Unavailable(Exception):
@@ -92,10 +102,12 @@ def _mishkit_backend(backend: str) -> Callable[[ActivationSpec, BuildContext], F
     return build
 
 
-def _cpu_build(capability: str) -> Callable[[ActivationSpec, BuildContext], Forward]:
+def _cpu_build(variant: str) -> Callable[[ActivationSpec, BuildContext], Forward]:
+    capability, _ = CPU_VARIANTS[variant]
+
     def build(spec: ActivationSpec, ctx: BuildContext) -> Forward:
         if ctx.device.type != "cpu":
-            raise Unavailable(f"the {capability} build of the CPU kernels runs on CPU tensors only")
+            raise Unavailable(f"the {variant} build of the CPU kernels runs on CPU tensors only")
         reason = backends.unavailable_reason("cpu", ctx.device)
         if reason is not None:
             raise Unavailable(reason)
@@ -113,22 +125,25 @@ def _cpu_build(capability: str) -> Callable[[ActivationSpec, BuildContext], Forw
     return build
 
 
-def _with_cpu_build(capability: str) -> Callable[[Step], Step]:
-    """The step with ``capability``'s kernels active while it runs, the previous build after.
-    The switch is process-wide (one atomic store), so backward, which autograd runs for CPU
-    tensors on the calling thread, takes the same build."""
+def _with_cpu_build(variant: str) -> Callable[[Step], Step]:
+    """The step with ``variant``'s kernels active while it runs, the previous state after. The
+    switches are process-wide (atomic stores), so backward, which autograd runs for CPU tensors
+    on the calling thread, takes the same kernels."""
+    capability, linear_256bit = CPU_VARIANTS[variant]
 
     def around(step: Step) -> Step:
         module, _ = backends.extension_module()
-        select, active = module.set_cpu_capability, module.cpu_capability
 
         def step_with_build():
-            previous = active()
-            select(capability)
+            previous = module.cpu_capability(), module.linear_float_loops_256bit()
+            module.set_cpu_capability(capability)
+            if linear_256bit is not None:
+                module.set_linear_float_loops_256bit(linear_256bit)
             try:
                 return step()
             finally:
-                select(previous)
+                module.set_cpu_capability(previous[0])
+                module.set_linear_float_loops_256bit(previous[1])
 
         return step_with_build
 
@@ -183,10 +198,10 @@ CONTENDERS: dict[str, Contender] = {
         Contender("naive", "baseline", _naive, "the composite formula in eager mode"),
         Contender("compile", "baseline", _compiled, "torch.compile of the composite formula"),
         Contender("relu", "floor", _relu_floor, "F.relu, the cheapest activation (the floor)"),
-        *(Contender(CPU_BUILD_PREFIX + capability, "cpu build", _cpu_build(capability),
-                    f"mishkit C++ CPU kernels, {capability} build",
-                    around=_with_cpu_build(capability), default=False)
-          for capability in CPU_BUILD_FLAGS),
+        *(Contender(CPU_BUILD_PREFIX + variant, "cpu build", _cpu_build(variant),
+                    f"mishkit C++ CPU kernels, {variant} build",
+                    around=_with_cpu_build(variant), default=False)
+          for variant in CPU_VARIANTS),
     )
 }
 

@@ -65,6 +65,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Canonical names of the activations the kernels implement, in registry order.");
   m.def("cpu_capability", &mishkit::cpu::cpu_capability,
         "Instruction set of the CPU kernels in use: 'avx512', 'avx2' or 'default'.");
+  m.def("linear_float_loops_256bit", &mishkit::cpu::linear_float_loops_256bit,
+        "True where the AVX-512 build runs the float loops of relu, leaky_relu, hardswish and "
+        "hardmish at 256 bits (AMD CPUs), False where at 512 (others).");
+  m.def("set_linear_float_loops_256bit", &mishkit::cpu::set_linear_float_loops_256bit,
+        pybind11::arg("on"),
+        "Run those loops at 256 (True) or 512 bits (False) in the AVX-512 build (tests, "
+        "benchmarks).");
   m.def("set_cpu_capability", &mishkit::cpu::set_cpu_capability, pybind11::arg("capability"),
         "Switch the CPU kernels to 'default', 'avx2' or 'avx512' (tests, benchmarks).");
   m.def("act_forward_eager", &mishkit::act_forward_eager, pybind11::arg("x"),

@@ -27,42 +27,48 @@ def _supported(build: str) -> bool:
 
 
 def test_build_contenders_are_opt_in_and_one_per_build():
-    assert tuple(f"mishkit-cpu-{b}" for b in info.CPU_BUILD_FLAGS) == contenders.CPU_BUILDS
+    assert tuple(f"mishkit-cpu-{v}" for v in contenders.CPU_VARIANTS) == contenders.CPU_BUILDS
+    assert {f"mishkit-cpu-{b}" for b in info.CPU_BUILD_FLAGS} <= set(contenders.CPU_BUILDS)
     default = {c.name for c in contenders.resolve(None)}
     assert "mishkit-cpu" in default and not default & set(contenders.CPU_BUILDS)
     assert [c.name for c in contenders.resolve(["mishkit-cpu-avx2"])] == ["mishkit-cpu-avx2"]
 
 
-@pytest.mark.parametrize("build", list(info.CPU_BUILD_FLAGS))
-def test_a_build_contender_runs_its_build_for_the_whole_step_and_restores_the_previous(build):
+@pytest.mark.parametrize("variant", list(contenders.CPU_VARIANTS))
+def test_a_build_contender_runs_its_build_for_the_whole_step_and_restores_the_previous(variant):
     module = _extension()
-    contender = contenders.CONTENDERS[f"mishkit-cpu-{build}"]
+    contender = contenders.CONTENDERS[f"mishkit-cpu-{variant}"]
+    build, linear_256bit = contenders.CPU_VARIANTS[variant]
     ctx = contenders.BuildContext(CPU, frozenset())
     if not _supported(build):
         with pytest.raises(contenders.Unavailable, match="lacks"):
             contender.build(get_spec("mish"), ctx)
         return
     forward = contender.build(get_spec("mish"), ctx)
-    before = module.cpu_capability()
+    before = module.cpu_capability(), module.linear_float_loops_256bit()
+    pinned = (build, before[1] if linear_256bit is None else linear_256bit)
     x = torch.randn(1000, dtype=torch.float64, requires_grad=True)
     seen = []
 
+    def state():
+        return module.cpu_capability(), module.linear_float_loops_256bit()
+
     def step():  # forward and backward, as the harness's forward+backward step
-        seen.append(module.cpu_capability())
+        seen.append(state())
         y = forward(x)
         (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
-        seen.append(module.cpu_capability())
+        seen.append(state())
         return y, grad
 
     y, grad = contender.around(step)()
-    assert seen == [build, build] and module.cpu_capability() == before
+    assert seen == [pinned, pinned] and state() == before
     spec = get_spec("mish")
     torch.testing.assert_close(y, spec.reference(x.detach()))
     torch.testing.assert_close(grad, spec.derivative(x.detach()))
     # an exception inside the step restores the previous build too
     with pytest.raises(ZeroDivisionError):
         contender.around(lambda: 1 / 0)()
-    assert module.cpu_capability() == before
+    assert state() == before
 
 
 def test_build_contenders_time_beside_the_automatic_choice_and_give_ratios():

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import torch
 from mishkit import backends, info
 from mishkit.registry import ACTIVATIONS
 
-from .helpers import SUPPORTED_CPU_BUILDS, cpu_build_params, param_list
+from .helpers import SPECIAL, SUPPORTED_CPU_BUILDS, cpu_build_params, kernel_expected, param_list
 
 _C, _REASON = backends.extension_module()
 pytestmark = pytest.mark.skipif(_C is None, reason=f"extension not built: {_REASON}")
@@ -129,6 +130,62 @@ def test_inlined_functions_keep_the_ieee_special_values(cpu_build):
     assert softplus[3] == 89.0 and softplus[4] == torch.tensor(88.7)  # e^-88.7 below half an ulp
     tanhexp = ops.act_forward(x, "tanhexp", [])  # expm1(-2 e^x)
     assert tanhexp[0] == 0 and tanhexp[1] == float("inf") and torch.isnan(tanhexp[2])
+
+
+PIECEWISE_LINEAR = ["relu", "leaky_relu", "hardswish", "hardmish"]
+
+
+@pytest.mark.skipif("avx512" not in SUPPORTED_CPU_BUILDS, reason="this CPU lacks AVX-512")
+@pytest.mark.parametrize("name", PIECEWISE_LINEAR)
+def test_piecewise_linear_float_loops_at_either_width(name):
+    # the AVX-512 build runs these float loops at 256 or 512 bits by CPU vendor: both widths,
+    # whichever this CPU defaults to, against float64, over vector bodies, tails and a thread split
+    gen = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.tensor(SPECIAL), torch.linspace(-8, 8, 1601),
+                   torch.randn(100_003, generator=gen) * 6]).float()
+    grad = torch.randn(x.numel(), generator=gen)
+    params = param_list(name)
+    previous = _C.cpu_capability(), _C.linear_float_loops_256bit()
+    results = {}
+    try:
+        _C.set_cpu_capability("avx512")
+        for width_256 in (True, False):
+            _C.set_linear_float_loops_256bit(width_256)
+            assert _C.linear_float_loops_256bit() is width_256
+            inplace = x[:1623].clone()
+            ops.act_forward_(inplace, name, params)
+            results[width_256] = (ops.act_forward(x, name, params),
+                                  ops.act_backward(grad, x, name, params), inplace)
+    finally:
+        _C.set_cpu_capability(previous[0])
+        _C.set_linear_float_loops_256bit(previous[1])
+    for forward, backward, inplace in results.values():
+        torch.testing.assert_close(forward, kernel_expected(name, x, params), equal_nan=True)
+        torch.testing.assert_close(backward, kernel_expected(name, x, params, grad),
+                                   equal_nan=True)
+        torch.testing.assert_close(inplace, forward[:1623], equal_nan=True, rtol=0, atol=0)
+
+
+def cpu_vendor() -> str | None:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "vendor_id":
+            return value.strip()
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="no /proc/cpuinfo")
+def test_linear_loop_width_follows_the_cpu_vendor_and_info_says_it():
+    result = run_python(INFO_JSON)
+    assert result.returncode == 0, result.stderr
+    ext = json.loads(result.stdout)
+    amd = cpu_vendor() == "AuthenticAMD"
+    code = "from mishkit import _C; print(_C.linear_float_loops_256bit())"
+    assert run_python(code).stdout.strip() == str(amd)
+    if ext["cpu_capability"] != "avx512":
+        assert ext["linear_float_loops"] is None
+    else:
+        assert ext["linear_float_loops"].startswith("256-bit" if amd else "512-bit")
 
 
 # -- choosing the build ----------------------------------------------------------------------------

@@ -53,6 +53,16 @@ const KernelTable& active_kernels();
 Capability active_capability();
 std::string cpu_capability();
 
+// Whether the AVX-512 build runs the float loops of relu, leaky_relu, hardswish and hardmish at
+// 256 bits (the AVX2 build's loops): true on AMD CPUs, false on others. Measured at 2^22 floats, 2
+// threads: on an AMD EPYC Zen 5 the 256-bit backward loops were 3-13% faster and the forward ones
+// within 3% (benchmarks/results/cpu-amd-epyc-2c/); on an Intel Xeon the 512-bit loops were
+// 1.01-1.17x the 256-bit ones in every row, forward and forward+backward
+// (benchmarks/results/cpu-intel-r-xeon-r-processor-family6-model167-2c/linear-loop-width/).
+bool linear_float_loops_256bit();
+// Override that choice (tests, benchmarks: both widths run on any AVX-512 CPU).
+void set_linear_float_loops_256bit(bool on);
+
 // Switch builds by name, in any case (tests, benchmarks). Throws if the CPU lacks the instructions.
 void set_cpu_capability(const std::string& capability);
 

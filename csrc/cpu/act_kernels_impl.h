@@ -101,21 +101,19 @@ void backward_loop(at::TensorIteratorBase& iter, const double* params) {
 }
 
 // The piecewise-linear activations do one or two vector instructions per element, so their loops
-// run at memory speed. In the AVX-512 build their float loops come from the AVX2 build: on the
-// AMD EPYC (Zen 5) of benchmarks/results/cpu-amd-epyc-2c/ their backward loops ran 3-13% slower
-// at 512 bits than at 256 and their forward loops within 3% either way (2^22 elements, 1 and 2
-// threads, both widths alternated in one process; torch's relu kernel runs its AVX2 build there
-// too). Their half-type loops stay 512-bit, where the wider bf16/fp16 conversion is the faster
-// one.
+// run at memory speed, and which vector width streams faster depends on the CPU
+// (act_kernels.h: linear_float_loops_256bit). Where it is 256 bits, the AVX-512 build takes their
+// float loops from the AVX2 build; their half-type loops stay 512-bit, where the wider
+// bf16/fp16 conversion is the faster one.
 template <class Op>
-inline constexpr bool kFloatLoopsFrom256Bit =
+inline constexpr bool kPiecewiseLinear =
     std::is_same_v<Op, act::Relu> || std::is_same_v<Op, act::LeakyRelu> ||
     std::is_same_v<Op, act::Hardswish> || std::is_same_v<Op, act::Hardmish>;
 
 template <class Op>
 bool use_avx2_float_loop([[maybe_unused]] const at::TensorIteratorBase& iter) {
 #if defined(CPU_CAPABILITY_AVX512)
-  return kFloatLoopsFrom256Bit<Op> && iter.common_dtype() == at::kFloat;
+  return kPiecewiseLinear<Op> && iter.common_dtype() == at::kFloat && linear_float_loops_256bit();
 #else
   return false;
 #endif
