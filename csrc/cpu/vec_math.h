@@ -127,13 +127,21 @@ inline VecF exp_reduced(const VecF& r) {
   return horner(r, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f);
 }
 
+// exp(v) for v in [-113, 89) (or NaN), without clamps: n = round(v / ln2) lies in [-163, 128],
+// which vscalefps and the AVX2 two-half scale take to the gradually underflowed result (0 below
+// -104). Where the argument is known to lie there (GELU's e^(-a^2/2)) this skips exp's two
+// clamps, which sit on the loop's dependency chain.
+template <Precision P = Precision::kFull>
+inline VecF exp_bounded(const VecF& v) {
+  const VecF n = nearest_ln2_multiple(v);
+  return scale_by_pow2(exp_reduced<P>(reduce_ln2<P>(v, n)), n);
+}
+
 // x is clamped to [-104, 89] first (exp(-104) rounds to 0, exp(89) overflows); clamp_min/max
 // return x when it is NaN, so NaN passes through.
 template <Precision P = Precision::kFull>
 inline VecF exp(const VecF& x) {
-  const VecF v = at::vec::clamp_max(at::vec::clamp_min(x, VecF(-104.0f)), VecF(89.0f));
-  const VecF n = nearest_ln2_multiple(v);
-  return scale_by_pow2(exp_reduced<P>(reduce_ln2<P>(v, n)), n);
+  return exp_bounded<P>(at::vec::clamp_max(at::vec::clamp_min(x, VecF(-104.0f)), VecF(89.0f)));
 }
 
 // expm1(x) = 2^n (expm1(r) + 1 - 2^-n), where 1 - 2^-n is exact for the n that matter (n = 0
@@ -187,6 +195,8 @@ inline VecF log1p(const VecF& x) {
 template <Precision P = Precision::kFull>
 inline VecF exp(const VecF& x) { return x.exp(); }
 template <Precision P = Precision::kFull>
+inline VecF exp_bounded(const VecF& x) { return x.exp(); }
+template <Precision P = Precision::kFull>
 inline VecF expm1(const VecF& x) { return x.expm1(); }
 inline VecF log1p(const VecF& x) { return x.log1p(); }
 #endif  // MISHKIT_INLINE_FLOAT_MATH
@@ -237,10 +247,11 @@ inline LowerTail normal_lower_tail(const VecF& a) {
                         : horner(t, 3.542378172e-02f, -1.561586261e-01f, 2.045570761e-01f,
                                  -5.203426257e-02f, 1.276918799e-01f, 1.001759171e-01f,
                                  1.207121387e-01f, 1.196320057e-01f);
-  // e^(-a^2/2) is 0 in float beyond a = 14.5: clamping there keeps a^2 and lo finite
+  // e^(-a^2/2) is 0 in float beyond a = 14.5: clamping there keeps a^2 and lo finite, and the
+  // exponent in [-112.5, 0]
   const VecF a_c = at::vec::clamp_max(a, VecF(15.0f));
   const VecF hi = a_c * a_c;
-  VecF e = exp<P>(hi * VecF(-0.5f));
+  VecF e = exp_bounded<P>(hi * VecF(-0.5f));
   if constexpr (!kShort) {
     const VecF lo = at::vec::fmsub(a_c, a_c, hi);
     e = at::vec::fnmadd(e, lo * VecF(0.5f), e);
